@@ -1,0 +1,86 @@
+"""Speed of each editor on the default model: median edit time and evaluation time per case, and
+the ratio of evaluation time to the bare forward passes evaluation needs (its floor).
+
+    .venv/bin/python benchmarks/bench_edit.py --cases 10 --methods ft-lm ft-vision ike
+
+The floor is measured in the same run, on the same edited model and the same five inputs: the
+model's forward pass alone (inputs already tokenised and collated), no metric computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from mmke.editors.base import EditRequest
+from mmke.eval.protocol import INPUT_KINDS, case_inputs
+from mmke.eval.runner import Run, RunConfig
+from mmke.registry import load_model
+from mmke.tasks import TASKS
+
+
+def bare_forward(adapter, examples) -> float:
+    """Seconds for the model forward passes alone (image and text-only sub-batches)."""
+    groups: dict[bool, list] = {}
+    for ex in examples:
+        groups.setdefault(ex.image is not None, []).append(ex)
+    batches = [adapter.prepare(g).to(adapter.device) for g in groups.values()]
+    t = time.perf_counter()
+    for b in batches:
+        adapter._target_view(b)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=10)
+    ap.add_argument("--task", default="vqa", choices=list(TASKS))
+    ap.add_argument("--methods", nargs="+", default=["ft-lm", "ft-vision", "ike"])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_edit.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    adapter = load_model("default")
+    rows = []
+    for method in args.methods:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = Run(RunConfig(task=args.task, method=method, limit=args.cases), tmp, adapter=adapter)
+            records, _ = r.load_records()
+            editor = r.editor(adapter)
+            inputs = [case_inputs(rec, TASKS[args.task], adapter.load_image) for rec in records]
+            pre = r.pre_edit(adapter, [(str(i), x) for i, x in enumerate(inputs)])
+            edit_s, eval_s, floor_s = [], [], []
+            for i, (rec, x) in enumerate(zip(records, inputs)):
+                t = time.perf_counter()
+                h = editor.edit(EditRequest(x["reliability"], rec.to_dict()))
+                edit_s.append(time.perf_counter() - t)
+                with torch.no_grad():
+                    bare_forward(adapter, [x[k] for k in INPUT_KINDS])  # warm-up, same shapes
+                    t = time.perf_counter()
+                    r.score(adapter, x, pre[str(i)])
+                    eval_s.append(time.perf_counter() - t)
+                    floor_s.append(bare_forward(adapter, [x[k] for k in INPUT_KINDS]))
+                h.remove()
+        row = {"method": method, "task": args.task, "cases": len(records),
+               "edit_s_median": statistics.median(edit_s), "eval_s_median": statistics.median(eval_s),
+               "forward_floor_s_median": statistics.median(floor_s),
+               "eval_over_floor": statistics.median(e / f for e, f in zip(eval_s, floor_s))}
+        rows.append(row)
+        print(f"{method:<10} edit {row['edit_s_median']:.3f}s  eval {row['eval_s_median']:.3f}s  "
+              f"floor {row['forward_floor_s_median']:.3f}s  eval/floor {row['eval_over_floor']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"date": date.today().isoformat(),
+                                    "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                                    "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""mmke: knowledge editing for multimodal large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""The ``mmke`` command line: data build, run, report, train, list."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.logging import RichHandler
+
+from mmke.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Knowledge editing for multimodal LLMs: build data, run editors, report.")
+data_app = typer.Typer(no_args_is_help=True, help="Build and inspect benchmark data.")
+app.add_typer(data_app, name="data")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("transformers", "sentence_transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _parse_sets(sets: list[str]) -> dict:
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise typer.BadParameter(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@data_app.command("build")
+def data_build(
+    out: Optional[Path] = typer.Option(None, help="output directory (default: the cache location "
+                                                   "`mmke run` uses)"),
+    seed: int = typer.Option(0, help="selection seed; same seed, same files"),
+    counterfactual: bool = typer.Option(False, help="targets are chosen wrong answers on cases the "
+                                                    "model gets right"),
+    n_eval: Optional[int] = typer.Option(None, help="cap on eval records per task"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Build E-VQA-lite and E-IC-lite (train + eval) from the easy-vqa package."""
+    _setup_logging(verbose)
+    from mmke.data.build import build_benchmark
+    from mmke.data.bundled import default_benchmark_dir
+
+    out = out or default_benchmark_dir(seed)
+    manifest = build_benchmark(out, seed=seed, counterfactual=counterfactual, n_eval=n_eval)
+    console.print(f"wrote the benchmark to [bold]{out}[/bold]")
+    console.print_json(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+
+
+@app.command("run")
+def run_cmd(
+    method: str = typer.Option(..., help="editing method (`mmke list methods`)"),
+    task: str = typer.Option("vqa", help="vqa or caption"),
+    model: str = typer.Option("default", help="model name (`mmke list models`) or hf:<path-or-id>"),
+    out: Path = typer.Option(..., help="run directory: summary.json and the per-case store"),
+    limit: Optional[int] = typer.Option(None, help="evaluate N cases (a seeded sample)"),
+    seed: int = typer.Option(0),
+    data: Optional[Path] = typer.Option(None, help="MMEdit eval file (JSON list or JSON Lines); "
+                                                   "default: the bundled benchmark"),
+    train_data: Optional[Path] = typer.Option(None, help="MMEdit train file (IKE demonstrations)"),
+    image_root: Optional[Path] = typer.Option(None, help="root of `image` and `m_loc` paths "
+                                                         "(default: the data file's folder)"),
+    rephrase_image_root: Optional[Path] = typer.Option(None, help="root of `image_rephrase` paths "
+                                                                  "(default: --image-root)"),
+    skip_invalid: bool = typer.Option(False, help="skip malformed records (reported and counted)"),
+    m_locality: str = typer.Option("top1", help="top1 (default) or reference-top10"),
+    set_: List[str] = typer.Option([], "--set", help="method option key=value (repeatable)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run (or resume) a one-step editing evaluation and write DIR/summary.json."""
+    _setup_logging(verbose)
+    from mmke.eval.runner import RunConfig, run
+
+    cfg = RunConfig(model=model, task=task, method=method,
+                    data=str(data) if data else None, train_data=str(train_data) if train_data else None,
+                    image_root=str(image_root) if image_root else (str(data.parent) if data else None),
+                    rephrase_image_root=str(rephrase_image_root) if rephrase_image_root else None,
+                    limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
+                    method_config=_parse_sets(set_))
+    summary = run(cfg, out)
+    from mmke.eval.report import summary_line
+
+    console.print(summary_line(summary))
+    console.print(f"summary: {out / 'summary.json'}")
+
+
+@app.command("report")
+def report_cmd(
+    dirs: List[Path] = typer.Argument(..., help="run directories (or parents of run directories)"),
+    fmt: str = typer.Option("markdown", "--format", help="markdown or html"),
+    exact_match: bool = typer.Option(False, help="report exact match instead of token accuracy"),
+    reference: bool = typer.Option(False, help="append the papers' numbers as labelled reference rows"),
+) -> None:
+    """Print the paper-style table: methods as rows, E-VQA and E-IC column groups."""
+    from mmke.eval.report import collect, render
+
+    typer.echo(render(collect(dirs), fmt=fmt, exact_match=exact_match, reference=reference))
+
+
+@app.command("train")
+def train_cmd(
+    what: str = typer.Argument(..., help="what to train: base (the default model's vision tower, "
+                                         "projector and LoRA)"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: the bundled weights)"),
+    steps: int = typer.Option(500, help="end-to-end steps"),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train a trainable component (resumable from its checkpoints)."""
+    _setup_logging(verbose)
+    if what != "base":
+        raise typer.BadParameter(f"cannot train {what!r} yet; available: base")
+    from mmke.train.base_model import BaseTrainConfig, train_base
+
+    cfg = BaseTrainConfig(steps=steps, seed=seed, **({"out": str(out)} if out else {}))
+    result = train_base(cfg)
+    console.print_json(json.dumps(result))
+
+
+@app.command("list")
+def list_cmd(what: str = typer.Argument(..., help="methods, models or tasks")) -> None:
+    """List registered methods, models or tasks."""
+    from mmke.registry import METHODS, MODELS, TASKS
+
+    table = {"methods": {k: v.description for k, v in METHODS.items()},
+             "models": {k: v.description for k, v in MODELS.items()} | {"hf:<path-or-id>": "any supported "
+                                                                        "Hugging Face VLM (BLIP-2, LLaVA)"},
+             "tasks": {k: f"{v.title}: {v.description}" for k, v in TASKS.items()}}
+    if what not in table:
+        raise typer.BadParameter(f"choose one of {', '.join(table)}")
+    for k, v in table[what].items():
+        typer.echo(f"{k:<18} {v}")
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()

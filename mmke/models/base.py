@@ -1,0 +1,238 @@
+"""The one interface every model family sits behind.
+
+An adapter turns (image, prompt, target) triples into a teacher-forced batch whose labels are
+-100 everywhere but the target tokens, runs the forward pass, and names the places an editor may
+change ("edit sites"). Editors and the evaluation layer only ever talk to this interface.
+
+Edit-site names (``i`` is a layer index, negative counts from the end):
+
+- ``lm.ffn_key.{i}``   first FFN projection of LM layer i (keys; for gated FFNs the up projection)
+- ``lm.ffn_value.{i}`` second FFN projection of LM layer i (values; down / fc2)
+- ``lm.attn_out.{i}``  attention output projection of LM layer i
+- ``lm.ffn.{i}``       the whole FFN block of LM layer i
+- ``vision``           the vision encoder
+- ``connector``        the vision-language connector (projector / Q-Former + projection)
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class Example:
+    """One model input: an optional image, a prompt (already templated) and a target string.
+
+    ``target`` is scored as given: callers add the leading space (SPEC: ``" " + alt``).
+    ``context`` is in-context knowledge (IKE demonstrations) placed before everything else,
+    the image included, so that inputs sharing it can share its computation.
+    """
+
+    prompt: str
+    target: str
+    image: Image.Image | None = None
+    context: str = ""
+
+
+@dataclass
+class Batch:
+    """A teacher-forced batch. ``labels[b, t]`` is the token at position t for target positions
+    and -100 elsewhere (prompt, image, padding); ``logits[b, t-1]`` predicts ``labels[b, t]``."""
+
+    inputs: dict[str, Any]
+    labels: torch.Tensor  # [B, T]
+    n: int
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return Batch(moved, self.labels.to(device), self.n)
+
+
+@dataclass
+class TargetView:
+    """Logits aligned with the target tokens: ``logits[b, j]`` predicts ``target_ids[b, j]``."""
+
+    logits: torch.Tensor  # [B, L, V]
+    target_ids: torch.Tensor  # [B, L] (pad = 0 where mask is False)
+    mask: torch.Tensor  # [B, L] bool
+
+
+def target_view(logits: torch.Tensor, labels: torch.Tensor) -> TargetView:
+    """Gather the positions that predict target tokens, left-aligned, padded to the longest target."""
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    lengths = mask.sum(1)
+    L = int(lengths.max().item()) if lengths.numel() else 0
+    B, _, V = shift_logits.shape
+    out_logits = shift_logits.new_zeros(B, max(L, 1), V)
+    out_ids = torch.zeros(B, max(L, 1), dtype=torch.long, device=labels.device)
+    out_mask = torch.zeros(B, max(L, 1), dtype=torch.bool, device=labels.device)
+    for b in range(B):
+        pos = mask[b].nonzero(as_tuple=True)[0]
+        n = pos.numel()
+        out_logits[b, :n] = shift_logits[b, pos]
+        out_ids[b, :n] = shift_labels[b, pos]
+        out_mask[b, :n] = True
+    return TargetView(out_logits, out_ids, out_mask)
+
+
+def target_nll(view: TargetView) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (the edit loss)."""
+    logp = torch.log_softmax(view.logits.float(), -1)
+    tok = logp.gather(-1, view.target_ids.unsqueeze(-1)).squeeze(-1)
+    return -(tok * view.mask).sum() / view.mask.sum().clamp(min=1)
+
+
+_SITE = re.compile(r"^lm\.(ffn_key|ffn_value|attn_out|ffn)\.(-?\d+)$")
+
+InputTransform = Callable[[Example], Example]
+
+
+class ModelAdapter(ABC):
+    """Wraps one vision-language model. Subclasses implement ``prepare``, ``forward`` and the
+    layout hooks (``lm_layers``, ``_layer_site``, ``vision_module``, ``connector_module``)."""
+
+    name: str = "base"
+    model: nn.Module
+    tokenizer: Any
+
+    def __init__(self) -> None:
+        # Input transforms installed by in-context editors (IKE, SERAC): each maps an Example to
+        # the Example the model sees. Removing an edit pops its transform; weights are untouched.
+        self.input_transforms: list[InputTransform] = []
+        # Forward hooks installed by editors that route inputs (SERAC) see the raw examples here.
+        self.current_examples: Sequence[Example] | None = None
+
+    # ---- inputs and forward -------------------------------------------------------------
+    @abstractmethod
+    def _prepare(self, examples: Sequence[Example]) -> Batch:
+        """Tokenise and collate; image and prompt positions get label -100."""
+
+    @abstractmethod
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        """Return logits [B, T, V] aligned with ``batch.labels``."""
+
+    #: adapters that place ``Example.context`` themselves set this; otherwise it is prepended
+    #: to the prompt text
+    supports_context: bool = False
+    #: adapters whose forward handles image and text-only rows in one batch set this
+    mixed_batches: bool = False
+
+    def prepare(self, examples: Sequence[Example]) -> Batch:
+        """Build a teacher-forced batch, applying any installed input transforms first."""
+        out = []
+        for ex in examples:
+            for fn in self.input_transforms:
+                ex = fn(ex)
+            if ex.context and not self.supports_context:
+                ex = Example(ex.context + ex.prompt, ex.target, ex.image)
+            out.append(ex)
+        return self._prepare(out)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self._forward(batch.to(self.device))
+
+    def _target_view(self, batch: Batch) -> TargetView:
+        """Logits at target positions; adapters may override to skip the LM head elsewhere."""
+        return target_view(self._forward(batch), batch.labels)
+
+    def target_view(self, batch: Batch) -> TargetView:
+        return self._target_view(batch.to(self.device))
+
+    def run(self, examples: Sequence[Example]) -> TargetView:
+        """Prepare + forward + align with targets. Image and text-only examples are run in
+        separate sub-batches (some families need pixels for every row) and merged in order."""
+        groups: dict[bool, list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(self.mixed_batches or ex.image is not None, []).append(i)
+        views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        prev = self.current_examples
+        try:
+            for idx in groups.values():
+                sub = [examples[i] for i in idx]
+                self.current_examples = sub
+                batch = self.prepare(sub)
+                v = self.target_view(batch)
+                for j, i in enumerate(idx):
+                    views[i] = (v.logits[j], v.target_ids[j], v.mask[j])
+        finally:
+            self.current_examples = prev
+        L = max(x[0].shape[0] for x in views.values())
+        V = next(iter(views.values()))[0].shape[-1]
+        B = len(examples)
+        logits = torch.zeros(B, L, V, device=self.device, dtype=views[0][0].dtype)
+        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        for i, (lg, t, m) in views.items():
+            logits[i, : lg.shape[0]] = lg
+            ids[i, : t.shape[0]] = t
+            mask[i, : m.shape[0]] = m
+        return TargetView(logits, ids, mask)
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @abstractmethod
+    def lm_layers(self) -> nn.ModuleList:
+        """The decoder layers of the language model."""
+
+    @abstractmethod
+    def _layer_site(self, layer: nn.Module, kind: str) -> nn.Module:
+        """Map a site kind (ffn_key, ffn_value, attn_out, ffn) to a submodule of one LM layer."""
+
+    @abstractmethod
+    def vision_module(self) -> nn.Module: ...
+
+    @abstractmethod
+    def connector_module(self) -> nn.Module: ...
+
+    @property
+    def num_lm_layers(self) -> int:
+        return len(self.lm_layers())
+
+    def sites(self) -> list[str]:
+        """All edit-site names this model exposes."""
+        n = self.num_lm_layers
+        names = [f"lm.{k}.{i}" for i in range(n) for k in ("ffn_key", "ffn_value", "attn_out", "ffn")]
+        return names + ["vision", "connector"]
+
+    def site(self, name: str) -> nn.Module:
+        """Resolve an edit-site name to a module."""
+        if name == "vision":
+            return self.vision_module()
+        if name == "connector":
+            return self.connector_module()
+        m = _SITE.match(name)
+        if not m:
+            raise KeyError(f"unknown edit site {name!r}; known kinds: lm.ffn_key.i, lm.ffn_value.i, "
+                           "lm.attn_out.i, lm.ffn.i, vision, connector")
+        layers = self.lm_layers()
+        i = int(m.group(2))
+        if not -len(layers) <= i < len(layers):
+            raise KeyError(f"edit site {name!r}: the LM has {len(layers)} layers")
+        return self._layer_site(layers[i], m.group(1))
+
+    def site_parameters(self, names: Sequence[str]) -> dict[str, nn.Parameter]:
+        """Parameters of the given sites, keyed by their full name in ``self.model``."""
+        wanted = {id(p) for n in names for p in self.site(n).parameters()}
+        return {k: p for k, p in self.model.named_parameters() if id(p) in wanted}
+
+    # ---- helpers ------------------------------------------------------------------------
+    def load_image(self, path: str | Path) -> Image.Image:
+        return Image.open(path).convert("RGB")
+
+    @property
+    def max_length(self) -> int:
+        """Longest token sequence the language model accepts."""
+        return 2048

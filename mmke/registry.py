@@ -1,0 +1,52 @@
+"""Registries of models, methods and tasks: adding one is one entry here plus its own file."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from mmke.tasks import TASKS  # noqa: F401  (the task registry lives with the task specs)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: str  # "module:attribute", imported on first use
+    description: str
+
+    def load(self) -> Any:
+        mod, attr = self.target.split(":")
+        return getattr(importlib.import_module(mod), attr)
+
+
+METHODS: dict[str, Entry] = {e.name: e for e in [
+    Entry("ft-lm", "mmke.editors.ft:FTEditor", "fine-tune the last LM FFN layer on the edit"),
+    Entry("ft-vision", "mmke.editors.ft:FTVisionEditor", "fine-tune the vision tower and connector on the edit"),
+    Entry("ike", "mmke.editors.ike:IKEEditor", "in-context editing with k retrieved demonstrations"),
+]}
+
+MODELS: dict[str, Entry] = {e.name: e for e in [
+    Entry("default", "mmke.models.default:DefaultAdapter",
+          "SmolLM2-135M-Instruct + bundled vision tower (runs on a CPU)"),
+    Entry("tiny-blip2", "mmke.models.tiny:tiny_blip2", "random tiny BLIP-2 OPT (tests, no download)"),
+    Entry("tiny-llava", "mmke.models.tiny:tiny_llava", "random tiny LLaVA (tests, no download)"),
+]}
+HF_PREFIX = "hf:"  # --model hf:<local path or hub id> loads through AutoModelForImageTextToText
+
+
+def load_model(name: str, **kwargs: Any):
+    """Build a model adapter from a registry name or ``hf:<path-or-id>``."""
+    if name.startswith(HF_PREFIX):
+        from mmke.models.hf import load_hf
+
+        return load_hf(name[len(HF_PREFIX):], **kwargs)
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)} or hf:<path-or-hub-id>")
+    return MODELS[name].load()(**kwargs)
+
+
+def editor_class(method: str):
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method].load()

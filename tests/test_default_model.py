@@ -1,0 +1,144 @@
+"""The bundled default model through the adapter, and the foundation editors on it."""
+
+import hashlib
+
+import pytest
+import torch
+from PIL import Image
+
+from mmke.data import easyvqa_source as ev
+from mmke.editors.base import EditRequest
+from mmke.editors.ft import FTEditor, FTVisionEditor
+from mmke.models.base import Example, target_nll
+from mmke.tasks import VQA_TEMPLATE
+
+pytestmark = pytest.mark.slow
+
+
+def state_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def adapter(default_adapter):
+    return default_adapter
+
+
+@pytest.fixture(scope="module")
+def case():
+    q, a, i = ev.questions("test")[1]  # "what color is the shape?"-style question
+    img = Image.open(ev.image_path("test", i)).convert("RGB")
+    wrong = " triangle" if a != "triangle" else " circle"
+    return Example(VQA_TEMPLATE.format(q), wrong, img)
+
+
+def test_only_target_tokens_are_labelled(adapter, case):
+    ex2 = Example("a photo of", " a teal circle", case.image)
+    ex3 = Example("nq question: what is the capital of france?", " paris", None)
+    for ex in (case, ex2, ex3):
+        b = adapter.prepare([ex])
+        n_target = len(adapter.tokenizer(ex.target, add_special_tokens=False).input_ids)
+        assert int((b.labels != -100).sum()) == n_target
+    v = adapter.run([case, ex2, ex3])
+    assert v.mask.sum(1).tolist() == [len(adapter.tokenizer(e.target, add_special_tokens=False).input_ids)
+                                      for e in (case, ex2, ex3)]
+
+
+def test_batched_equals_single(adapter, case):
+    ex2 = Example("a photo of", " a teal circle", case.image)
+    with torch.no_grad():
+        both = adapter.run([case, ex2])
+        one = adapter.run([ex2])
+    n = int(one.mask[0].sum())
+    assert torch.allclose(both.logits[1, :n], one.logits[0, :n], atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [FTEditor, FTVisionEditor])
+def test_ft_edit_moves_target_and_restores_exactly(adapter, case, cls):
+    before = state_hash(adapter.model)
+    with torch.no_grad():
+        nll0 = target_nll(adapter.run([case])).item()
+    h = cls(adapter).edit(EditRequest(case))
+    with torch.no_grad():
+        nll1 = target_nll(adapter.run([case])).item()
+    assert nll1 < nll0 - 0.5
+    assert state_hash(adapter.model) != before
+    h.remove()
+    assert state_hash(adapter.model) == before
+
+
+def test_ft_lm_reaches_target(adapter, case):
+    h = FTEditor(adapter).edit(EditRequest(case))
+    try:
+        with torch.no_grad():
+            v = adapter.run([case])
+        assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+    finally:
+        h.remove()
+
+
+def test_saved_edit_reloads_to_identical_outputs(adapter, case, tmp_path):
+    ed = FTEditor(adapter)
+    h = ed.edit(EditRequest(case))
+    with torch.no_grad():
+        edited = adapter.run([case]).logits
+    h.save(tmp_path / "edit")
+    h.remove()
+    h2 = ed.load(tmp_path / "edit")
+    with torch.no_grad():
+        assert torch.equal(adapter.run([case]).logits, edited)
+    h2.remove()
+
+
+def test_corrupt_saved_edit_is_a_clear_error(adapter, case, tmp_path):
+    ed = FTEditor(adapter)
+    h = ed.edit(EditRequest(case))
+    h.save(tmp_path / "edit")
+    h.remove()
+    f = tmp_path / "edit" / "edit.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated"):
+        ed.load(tmp_path / "edit")
+
+
+def test_shared_context_kv_cache_matches_full_forward(adapter, case):
+    ctx = "New Fact: what color is the shape? teal\nPrompt: what color is the shape? teal\n\n"
+    exs = [Example(case.prompt, case.target, case.image, context=ctx),
+           Example("nq question: what is the capital of france?", " paris", None, context=ctx),
+           Example("a photo of", " a red circle", case.image, context=ctx)]
+    with torch.no_grad():
+        batched = adapter.run(exs)  # one prefix pass, KV cache shared by the three rows
+        for i, ex in enumerate(exs):
+            single = adapter.run([ex])  # plain full-sequence forward
+            n = int(single.mask[0].sum())
+            assert torch.allclose(batched.logits[i, :n], single.logits[0, :n], atol=1e-4)
+
+
+def test_ike_changes_outputs_and_removal_restores_them(adapter, case, tmp_path):
+    from mmke.data.schema import load_records
+    from mmke.data.bundled import default_benchmark_dir, ensure_benchmark
+    from mmke.editors.ike import IKEConfig, IKEEditor
+
+    bench = ensure_benchmark(default_benchmark_dir())
+    pool = load_records(bench / "vqa_train.json", bench, check_images=False).records
+    ed = IKEEditor(adapter, IKEConfig(k=4), train_records=pool)
+    with torch.no_grad():
+        before = adapter.run([case]).logits
+    rec = {"src": "what color is the shape?", "alt": case.target.strip()}
+    h = ed.edit(EditRequest(case, rec))
+    with torch.no_grad():
+        during = adapter.run([case]).logits
+    assert not torch.equal(before, during)
+    h.save(tmp_path / "ike")
+    h.remove()
+    assert adapter.input_transforms == []
+    with torch.no_grad():
+        assert torch.equal(adapter.run([case]).logits, before)
+    h2 = ed.load(tmp_path / "ike")
+    with torch.no_grad():
+        assert torch.equal(adapter.run([case]).logits, during)
+    h2.remove()
