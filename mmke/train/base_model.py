@@ -241,22 +241,35 @@ def predict(adapter: DefaultAdapter, items: list[Example], batch: int, label: st
     return out
 
 
+def caption_predictions(adapter: DefaultAdapter, batch: int = 64) -> dict[str, dict[str, list]]:
+    """{caption prompt: {image_id: [ok, predicted caption]}} on every labelled test image."""
+    labels = ev.image_labels("test")
+    ids = sorted(labels)
+    images = {i: Image.open(ev.image_path("test", i)) for i in ids}
+    out = {}
+    for prompt in ev.CAPTION_PROMPTS:
+        items = [Example(prompt, " " + ev.caption(*labels[i]), images[i]) for i in ids]
+        res = predict(adapter, items, batch, f"test captions ({prompt!r})")
+        out[prompt] = {str(i): [int(ok), p] for i, (ok, p) in zip(ids, res)}
+    return out
+
+
 def evaluate_base(adapter: DefaultAdapter, batch: int = 64) -> dict:
     """Answer accuracy on all test questions and caption accuracy on all labelled test images."""
     qs = ev.questions("test")
     q_items = [Example(ev.VQA_TEMPLATE.format(q), " " + a, Image.open(ev.image_path("test", i)))
                for q, a, i in qs]
-    labels = ev.image_labels("test")
-    cap_ids = sorted(labels)
-    c_items = [Example(ev.CAPTION_PROMPTS[0], " " + ev.caption(*labels[i]), Image.open(ev.image_path("test", i)))
-               for i in cap_ids]
     qp = predict(adapter, q_items, batch, "test questions")
-    cp = predict(adapter, c_items, batch, "test captions")
+    caps = caption_predictions(adapter, batch)
+    first = caps[ev.CAPTION_PROMPTS[0]]
+    n_all = sum(len(v) for v in caps.values())
     return {
         "test_question_accuracy": sum(ok for ok, _ in qp) / len(qp),
         "n_test_questions": len(qp),
-        "test_caption_accuracy": sum(ok for ok, _ in cp) / len(cp),
-        "n_test_captions": len(cp),
+        "test_caption_accuracy": sum(v[0] for v in first.values()) / len(first),
+        "n_test_captions": len(first),
+        "test_caption_accuracy_all_prompts": sum(v[0] for c in caps.values() for v in c.values()) / n_all,
+        "n_test_caption_pairs": n_all,
         "predictions": {"test_questions": [[int(ok), p] for ok, p in qp],
-                        "test_captions": {str(i): [int(ok), p] for i, (ok, p) in zip(cap_ids, cp)}},
+                        "test_captions": first, "test_captions_by_prompt": caps},
     }
