@@ -1,0 +1,442 @@
+"""Hugging Face vision-language models (``AutoModelForImageTextToText``) behind one adapter.
+
+Each supported family has a :class:`FamilyLayout`: where the language model's decoder layers are,
+which submodules of a layer are the FFN keys / values / attention output, where the vision encoder
+and the connector are, how the last hidden state is computed, and how image tokens enter the
+sequence. The adapter itself has no per-family branches; adding a family is one layout entry.
+
+Sequences are built as ``[image placeholders] + prompt + target`` (right-padded) with labels -100
+everywhere but the target tokens:
+
+- BLIP-2 (OPT): ``num_query_tokens`` image tokens *before* BOS, then the text (as ``Blip2Processor``
+  does); the Q-Former outputs, projected, replace the placeholder embeddings.
+- LLaVA: BOS, then one image token per vision feature (``(image_size / patch_size)^2``, plus CLS
+  when ``vision_feature_select_strategy == "full"`` and the tower has one), then the text.
+  A prompt that contains the image token string (``"<image>"``) gets the placeholders there instead.
+- Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, LLaVA-NeXT / OneVision (untested): the number of
+  image tokens depends on the image, so the model's own processor expands the image marker and the
+  target tokens are appended to what it returns.
+
+Text-only examples run through the same path without pixels (BLIP-2: the OPT model on the text
+alone, as MMEdit does for text locality).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from mmke.models.base import Batch, Example, ModelAdapter, TargetView
+
+
+# --------------------------------------------------------------------------------------
+# How the last hidden state is computed (per family)
+# --------------------------------------------------------------------------------------
+def _image_token_id(config) -> int:
+    for key in ("image_token_id", "image_token_index"):
+        v = getattr(config, key, None)
+        if v is not None:
+            return int(v)
+    raise ValueError(f"{config.model_type}: the config names no image token (image_token_id)")
+
+
+def blip2_image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision encoder -> Q-Former over the learned queries -> language projection: [N, Q, H_lm]."""
+    image_embeds = model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    q_out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds.to(queries.dtype),
+                          encoder_attention_mask=image_mask, return_dict=True).last_hidden_state
+    proj = model.language_projection
+    return proj(q_out.to(proj.weight.dtype))
+
+
+def _blip2_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """BLIP-2 with a decoder-only LM: embed, put the projected queries on the image placeholders,
+    run the LM's base model. Without pixels this is the OPT model on the text alone."""
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]
+    emb = model.get_input_embeddings()(ids)
+    pixels = inputs.get("pixel_values")
+    if pixels is not None:
+        feats = blip2_image_features(model, pixels)
+        mask = ids == _image_token_id(model.config)
+        if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"{int(mask.sum())} image placeholders for {feats.shape[0]} images of "
+                             f"{feats.shape[1]} query tokens")
+        emb = emb.masked_scatter(mask.unsqueeze(-1).to(emb.device), feats.to(emb.device, emb.dtype))
+    lm = model.language_model
+    return lm.base_model(inputs_embeds=emb, attention_mask=attn, return_dict=True).last_hidden_state
+
+
+def _native_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Families whose ``model.model`` (the base VLM) merges image features itself."""
+    kwargs = {k: v for k, v in inputs.items() if v is not None}
+    return model.model(**kwargs, return_dict=True).last_hidden_state
+
+
+# --------------------------------------------------------------------------------------
+# Number of image placeholders (fixed-count families)
+# --------------------------------------------------------------------------------------
+def _blip2_image_tokens(model: nn.Module) -> int:
+    return int(model.config.num_query_tokens)
+
+
+def _llava_image_tokens(model: nn.Module) -> int:
+    cfg = model.config
+    vc = cfg.vision_config
+    n = (int(vc.image_size) // int(vc.patch_size)) ** 2
+    tower = model.model.vision_tower
+    has_cls = hasattr(getattr(tower, "vision_model", tower), "embeddings") and hasattr(
+        getattr(tower, "vision_model", tower).embeddings, "class_embedding")
+    n += int(has_cls)
+    if cfg.vision_feature_select_strategy == "default":  # LLaVA drops the first feature
+        n -= 1
+    return n
+
+
+# --------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Where one family keeps its parts. Paths are dotted attribute paths from the top model
+    (``lm_layers``, ``vision``, ``connector``) or from one decoder layer (the ``ffn*`` and
+    ``attn_out`` entries). A site given as several paths is exposed as a :class:`ModuleGroup`."""
+
+    family: str
+    model_types: tuple[str, ...]
+    lm_layers: str
+    ffn_key: str
+    ffn_value: str
+    attn_out: str
+    ffn: tuple[str, ...]
+    vision: str
+    connector: tuple[str, ...]
+    hidden: Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+    # placeholders per image; None: the processor expands the image marker (count depends on image)
+    image_tokens: Callable[[nn.Module], int] | None
+    image_text: str = "{image}"  # where the image goes when the prompt has no marker
+    image_before_bos: bool = False  # BLIP-2 puts its query placeholders before BOS
+    tested: bool = False  # covered by tests on a tiny random instance
+
+
+_LLAMA_LIKE = dict(ffn_key="mlp.up_proj", ffn_value="mlp.down_proj", attn_out="self_attn.o_proj",
+                   ffn=("mlp",))
+
+LAYOUTS: dict[str, FamilyLayout] = {}
+
+
+def _register(layout: FamilyLayout) -> None:
+    for t in layout.model_types:
+        LAYOUTS[t] = layout
+
+
+_register(FamilyLayout(
+    family="blip2-opt", model_types=("blip-2",),
+    lm_layers="language_model.model.decoder.layers",
+    ffn_key="fc1", ffn_value="fc2", attn_out="self_attn.out_proj",
+    ffn=("fc1", "fc2"),  # OPT has no FFN submodule: the two projections are grouped
+    vision="vision_model",
+    connector=("query_tokens", "qformer", "language_projection"),
+    hidden=_blip2_hidden, image_tokens=_blip2_image_tokens, image_before_bos=True, tested=True))
+
+_register(FamilyLayout(
+    family="llava", model_types=("llava",),
+    lm_layers="model.language_model.layers", **_LLAMA_LIKE,
+    vision="model.vision_tower", connector=("model.multi_modal_projector",),
+    hidden=_native_hidden, image_tokens=_llava_image_tokens, image_text="{image}\n", tested=True))
+
+# ---- UNTESTED entries: module paths checked against the transformers 5.23 source only; no tiny
+# ---- instance or real checkpoint has been run through them.
+_register(FamilyLayout(  # UNTESTED
+    family="llava-next", model_types=("llava_next", "llava_onevision"),
+    lm_layers="model.language_model.layers", **_LLAMA_LIKE,
+    vision="model.vision_tower", connector=("model.multi_modal_projector", "model.image_newline"),
+    hidden=_native_hidden, image_tokens=None, image_text="{image}\n"))
+
+_register(FamilyLayout(  # UNTESTED; the patch merger (connector) lives inside the vision module
+    family="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
+    lm_layers="model.language_model.layers", **_LLAMA_LIKE,
+    vision="model.visual", connector=("model.visual.merger",),
+    hidden=_native_hidden, image_tokens=None, image_text="<|vision_start|>{image}<|vision_end|>"))
+
+_register(FamilyLayout(  # UNTESTED
+    family="idefics3", model_types=("idefics3", "smolvlm"),
+    lm_layers="model.text_model.layers", **_LLAMA_LIKE,
+    vision="model.vision_model", connector=("model.connector",),
+    hidden=_native_hidden, image_tokens=None, image_text="{image}"))
+
+
+def layout_for(config) -> FamilyLayout:
+    """The layout of a model config, or a clear error listing the supported families."""
+    mt = getattr(config, "model_type", None)
+    if mt not in LAYOUTS:
+        fams = sorted({f"{lay.family} ({', '.join(lay.model_types)})" for lay in LAYOUTS.values()})
+        raise ValueError(f"unsupported model_type {mt!r}; supported families: {'; '.join(fams)}")
+    layout = LAYOUTS[mt]
+    if mt == "blip-2" and not getattr(config, "use_decoder_only_language_model", True):
+        raise ValueError("BLIP-2 with an encoder-decoder language model (Flan-T5) is not supported; "
+                         "use a BLIP-2 OPT checkpoint")
+    return layout
+
+
+class ModuleGroup(nn.Module):
+    """Several modules (and loose parameters) of a model exposed as one edit site.
+
+    Not registered in the model (its state_dict is unchanged); it only gathers parameters, so
+    ``parameters()`` works but it has no ``forward`` and cannot carry hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> None:
+        super().__init__()
+        for k, m in modules.items():
+            self.add_module(k.replace(".", "_"), m)
+        for k, p in params.items():
+            self.register_parameter(k.replace(".", "_"), p)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("ModuleGroup only groups the parameters of several modules; it has no forward")
+
+
+def _resolve(root: nn.Module, paths: Sequence[str]) -> nn.Module:
+    modules: dict[str, nn.Module] = {}
+    params: dict[str, nn.Parameter] = {}
+    for p in paths:
+        obj: Any = root
+        for part in p.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, nn.Parameter):
+            params[p] = obj
+        elif isinstance(obj, nn.Module):
+            modules[p] = obj
+        else:
+            raise TypeError(f"{p} is a {type(obj).__name__}, not a module or parameter")
+    if len(modules) == 1 and not params:
+        return next(iter(modules.values()))
+    return ModuleGroup(modules, params)
+
+
+# --------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------
+class HFAdapter(ModelAdapter):
+    """One Hugging Face image-text-to-text model.
+
+    ``model``: e.g. ``Blip2ForConditionalGeneration`` / ``LlavaForConditionalGeneration``.
+    ``tokenizer`` and ``image_processor`` default to the parts of ``processor``.
+    ``use_processor``: expand image tokens with ``processor`` instead of the layout's count
+    (default: only for families whose count depends on the image). The model is put in eval mode
+    and its parameters frozen; editors enable gradients on the sites they change.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None, *,
+                 processor: Any = None, use_processor: bool | None = None, name: str | None = None) -> None:
+        super().__init__()
+        self.layout = layout_for(model.config)
+        self.model = model
+        self.processor = processor
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+        self.image_processor = (image_processor if image_processor is not None
+                                else getattr(processor, "image_processor", None))
+        if self.tokenizer is None:
+            raise ValueError("HFAdapter needs a tokenizer (or a processor that has one)")
+        self.use_processor = self.layout.image_tokens is None if use_processor is None else use_processor
+        if self.use_processor and processor is None:
+            raise ValueError(f"{self.layout.family}: image tokens are expanded by the model's processor; "
+                             "pass processor=AutoProcessor.from_pretrained(...)")
+        if not self.use_processor and self.image_processor is None:
+            raise ValueError("HFAdapter needs an image processor (or a processor that has one)")
+        self.name = name or f"hf-{self.layout.family}"
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+        self.image_token_id = _image_token_id(model.config)
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.num_image_tokens = self.layout.image_tokens(model) if self.layout.image_tokens else None
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.pad_id = int(pad)
+        self._bos = self._special_prefix()
+        # fail early if a layout path does not exist in this model
+        for kind in ("ffn_key", "ffn_value", "attn_out", "ffn"):
+            self._layer_site(self.lm_layers()[0], kind)
+        self.vision_module(), self.connector_module()
+
+    # ---- tokenisation -------------------------------------------------------------------
+    def _special_prefix(self) -> list[int]:
+        """The ids the tokenizer puts before any text (BOS where it uses one)."""
+        probe = "a b"
+        plain = self.tokenizer(probe, add_special_tokens=False).input_ids
+        full = self.tokenizer(probe).input_ids
+        for s in range(len(full) - len(plain) + 1):
+            if full[s: s + len(plain)] == plain:
+                return list(full[:s])
+        return []
+
+    def _tok(self, s: str) -> list[int]:
+        return list(self.tokenizer(s, add_special_tokens=False).input_ids) if s else []
+
+    def _split(self, text: str, target: str) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and ``target``, tokenised jointly when the prompt's tokens are a
+        prefix of the joint tokenisation (the usual case: the target starts with a space)."""
+        p = self._tok(text)
+        full = self._tok(text + target)
+        if full[: len(p)] == p and len(full) > len(p):
+            t = full[len(p):]
+        else:
+            t = self._tok(target)
+        if not t:
+            raise ValueError(f"target {target!r} has no tokens")
+        return p, t
+
+    def _text(self, ex: Example, expanded: str) -> tuple[str, bool]:
+        """The prompt with the image marker in place; returns (text, placeholders_go_before_bos)."""
+        marker = self.image_token
+        if ex.image is None:
+            return ex.prompt.replace(marker, ""), False
+        if marker in ex.prompt:
+            head, tail = ex.prompt.split(marker, 1)
+            return head + expanded + tail.replace(marker, ""), False
+        if self.layout.image_before_bos:
+            return ex.prompt, True
+        return self.layout.image_text.format(image=expanded) + ex.prompt, False
+
+    def _prepare(self, examples: Sequence[Example]) -> Batch:
+        rows: list[list[int]] = []
+        n_ctx: list[int] = []  # tokens before the target (image + prompt)
+        extra_tok: list[dict[str, list[int]]] = []  # per-token processor outputs, per row
+        images = [ex.image for ex in examples if ex.image is not None]
+        image_rows = [i for i, ex in enumerate(examples) if ex.image is not None]
+        proc_out: dict[str, Any] = {}
+        proc_rows: dict[int, tuple[list[int], dict[str, list[int]]]] = {}
+        if images and self.use_processor:
+            proc_out, proc_rows = self._process(examples, image_rows)
+        for i, ex in enumerate(examples):
+            n = self.num_image_tokens or 0
+            text, before = self._text(ex, self.image_token * (1 if self.use_processor else n))
+            ptext, target = self._split(text, ex.target)
+            if i in proc_rows:
+                ctx, extra = proc_rows[i]
+            else:
+                pre = [self.image_token_id] * n if before else []
+                ctx, extra = pre + self._bos + ptext, {}
+                if ex.image is not None and ctx.count(self.image_token_id) != n:
+                    raise ValueError(f"the tokenizer split the image token {self.image_token!r}: "
+                                     f"{ctx.count(self.image_token_id)} placeholders, expected {n}")
+            seq = ctx + target
+            if len(seq) > self.max_length:
+                raise ValueError(f"input of {len(seq)} tokens exceeds the model's {self.max_length}")
+            rows.append(seq)
+            n_ctx.append(len(ctx))
+            extra_tok.append(extra)
+        B, T = len(rows), max(len(r) for r in rows)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(B, T, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        extra_keys = sorted({k for e in extra_tok for k in e})
+        extras = {k: torch.zeros(B, T, dtype=torch.long) for k in extra_keys}
+        for b, (r, c) in enumerate(zip(rows, n_ctx)):
+            input_ids[b, : len(r)] = torch.tensor(r)
+            attn[b, : len(r)] = 1
+            labels[b, c: len(r)] = torch.tensor(r[c:])
+            for k, v in extra_tok[b].items():
+                extras[k][b, : len(v)] = torch.tensor(v)
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn, **extras}
+        if images:
+            if self.use_processor:
+                inputs.update(proc_out)
+            else:
+                inputs["pixel_values"] = self.image_processor(
+                    [im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        return Batch(inputs, labels, B)
+
+    def _process(self, examples: Sequence[Example], image_rows: list[int]):
+        """Run the model's processor on the image rows (marker -> the family's image tokens).
+        Returns the non-token outputs (pixels, grids, ...) and, per row, the context ids and any
+        per-token outputs (e.g. ``mm_token_type_ids``), unpadded."""
+        texts = [self._text(examples[i], self.image_token)[0] for i in image_rows]
+        out = self.processor(text=texts, images=[examples[i].image.convert("RGB") for i in image_rows],
+                             return_tensors="pt", padding=True)
+        ids, mask = out["input_ids"], out["attention_mask"].bool()
+        per_token = [k for k, v in out.items() if torch.is_tensor(v) and v.shape == ids.shape
+                     and k not in ("input_ids", "attention_mask")]
+        rows = {}
+        for j, i in enumerate(image_rows):
+            m = mask[j]
+            rows[i] = (ids[j][m].tolist(), {k: out[k][j][m].tolist() for k in per_token})
+        rest = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", *per_token)}
+        return rest, rows
+
+    # ---- forward ------------------------------------------------------------------------
+    def _hidden(self, batch: Batch) -> torch.Tensor:
+        inputs = dict(batch.inputs)
+        vis_dtype = next(self.vision_module().parameters()).dtype
+        for k, v in inputs.items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                inputs[k] = v.to(vis_dtype)
+        return self.layout.hidden(self.model, inputs)
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        return self.model.get_output_embeddings()(self._hidden(batch))
+
+    def _target_view(self, batch: Batch) -> TargetView:
+        # Only the positions that predict target tokens go through the LM head.
+        h = self._hidden(batch)
+        labels = batch.labels.to(h.device)
+        mask = labels[:, 1:] != -100
+        L = max(int(mask.sum(1).max()), 1)
+        B = labels.shape[0]
+        pos = torch.zeros(B, L, dtype=torch.long, device=h.device)
+        out_mask = torch.zeros(B, L, dtype=torch.bool, device=h.device)
+        ids = torch.zeros(B, L, dtype=torch.long, device=h.device)
+        for b in range(B):
+            p = mask[b].nonzero(as_tuple=True)[0]
+            pos[b, : p.numel()] = p
+            out_mask[b, : p.numel()] = True
+            ids[b, : p.numel()] = labels[b, p + 1]
+        hs = h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        head = self.model.get_output_embeddings()
+        return TargetView(head(hs.to(head.weight.device)), ids.to(head.weight.device),
+                          out_mask.to(head.weight.device))
+
+    # ---- layout -------------------------------------------------------------------------
+    def lm_layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layout.lm_layers)
+
+    def _layer_site(self, layer: nn.Module, kind: str) -> nn.Module:
+        lay = self.layout
+        paths = {"ffn_key": (lay.ffn_key,), "ffn_value": (lay.ffn_value,), "attn_out": (lay.attn_out,),
+                 "ffn": lay.ffn}[kind]
+        return _resolve(layer, paths)
+
+    def vision_module(self) -> nn.Module:
+        return _resolve(self.model, (self.layout.vision,))
+
+    def connector_module(self) -> nn.Module:
+        return _resolve(self.model, self.layout.connector)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.get_text_config().max_position_embeddings)
+
+
+def load_hf(name_or_path: str, *, device_map: str | dict | None = None, dtype: Any = None,
+            **model_kwargs: Any) -> HFAdapter:
+    """Load a real checkpoint (local path or hub id) through ``AutoModelForImageTextToText`` and
+    ``AutoProcessor``. ``device_map="auto"`` spreads it over the available GPUs (accelerate)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    layout_for(config)  # unsupported families fail before the weights load
+    kwargs = dict(model_kwargs)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return HFAdapter(model, processor=processor, name=f"hf:{name_or_path}")
