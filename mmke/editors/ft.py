@@ -17,7 +17,7 @@ class FTConfig(EditorConfig):
 
 class FTVisionConfig(FTConfig):
     sites: list[str] = ["vision", "connector"]
-    lr: float = 1e-3
+    lr: float = 3e-3
 
 
 class FTEditor(Editor):
