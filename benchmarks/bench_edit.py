@@ -28,11 +28,9 @@ from mmke.tasks import TASKS
 
 
 def bare_forward(adapter, examples) -> float:
-    """Seconds for the model forward passes alone (image and text-only sub-batches)."""
-    groups: dict[bool, list] = {}
-    for ex in examples:
-        groups.setdefault(ex.image is not None, []).append(ex)
-    batches = [adapter.prepare(g).to(adapter.device) for g in groups.values()]
+    """Seconds for the model forward passes alone, batched exactly as evaluation batches them."""
+    batches = [adapter.prepare([examples[i] for i in g]).to(adapter.device)
+               for g in adapter.sub_batches(examples)]
     t = time.perf_counter()
     for b in batches:
         adapter._target_view(b)

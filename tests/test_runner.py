@@ -101,3 +101,20 @@ def test_cli_list():
     assert r.exit_code == 0 and "ft-lm" in r.output and "ike" in r.output
     r = CliRunner().invoke(app, ["list", "tasks"])
     assert "E-VQA" in r.output and "E-IC" in r.output
+
+
+def test_skip_invalid_is_counted_and_train_split_found_beside_data(default_adapter, tmp_path):
+    from mmke.data.bundled import default_benchmark_dir, ensure_benchmark
+
+    bench = ensure_benchmark(default_benchmark_dir())
+    recs = json.loads((bench / "vqa_eval.json").read_text())[:3]
+    recs.insert(1, dict(recs[0], image="images/test/does-not-exist.png"))
+    data = tmp_path / "vqa_eval.json"
+    data.write_text(json.dumps(recs))
+    (tmp_path / "vqa_train.json").write_text((bench / "vqa_train.json").read_text())
+    cfg = RunConfig(method="ike", data=str(data), image_root=str(bench), skip_invalid=True,
+                    method_config={"k": 2})
+    r = Run(cfg, tmp_path / "out", adapter=default_adapter)
+    assert r.cfg.train_data == str(tmp_path / "vqa_train.json")
+    s = r.execute()
+    assert s["n_skipped"] == 1 and s["n_cases"] == 3

@@ -30,8 +30,10 @@ class IKEEditor(Editor):
     name = "ike"
     Config = IKEConfig
 
-    def __init__(self, adapter, config=None, *, train_records=None, **context: Any) -> None:
+    def __init__(self, adapter, config=None, *, train_records=None, task=None, **context: Any) -> None:
         super().__init__(adapter, config, **context)
+        # demonstrations use the task's prompt template, so they look like the inputs they precede
+        self.template = task.prompt if task is not None else (lambda s: s)
         if not train_records:
             raise ValueError("ike needs a pool of train records for its demonstrations "
                              "(the task's train split; pass --train-data for your own files)")
@@ -41,18 +43,19 @@ class IKEEditor(Editor):
     def _demo(self, i: int, r) -> str:
         """Demonstrations cycle through MMEdit's three kinds: copy, update (rephrase), retain (loc)."""
         kind = i % 3
+        t = self.template
         if kind == 0:
-            prompt = f"{r.src} {r.alt}"
+            prompt = f"{t(r.src)} {r.alt}"
         elif kind == 1:
-            prompt = f"{r.rephrase} {r.alt}"
+            prompt = f"{t(r.rephrase)} {r.alt}"
         else:
             prompt = f"{r.loc} {r.loc_ans}"
-        return f"{_fact(r.src, r.alt)}Prompt: {prompt}\n\n"
+        return f"{_fact(t(r.src), r.alt)}Prompt: {prompt}\n\n"
 
     def _context(self, record: dict[str, Any], indices: list[int]) -> str:
         budget = self.config.max_context_tokens or max(self.adapter.max_length - 256, 64)
         tok = self.adapter.tokenizer
-        fact = _fact(record["src"], record["alt"])
+        fact = _fact(self.template(record["src"]), record["alt"]) + "Prompt:"
         used = len(tok(fact, add_special_tokens=False).input_ids)
         demos: list[str] = []
         # most similar demonstrations sit closest to the input

@@ -57,6 +57,12 @@ def _fingerprint(record) -> str:
 def resolve_data(cfg: RunConfig) -> RunConfig:
     """Fill in the bundled benchmark's files when no data file is given (building it if needed)."""
     if cfg.data is not None:
+        if cfg.train_data is None:  # MMEdit / mmke layout: <task>_eval.json beside <task>_train.json
+            data = Path(cfg.data)
+            sibling = data.with_name(data.name.replace("_eval", "_train").replace("eval", "train"))
+            if sibling != data and sibling.exists():
+                log.info("using %s as the train split (retrieval pools); --train-data overrides", sibling)
+                return cfg.model_copy(update={"train_data": str(sibling)})
         return cfg
     from mmke.data.bundled import default_benchmark_dir, ensure_benchmark
 
@@ -108,7 +114,7 @@ class Run:
     def editor(self, adapter):
         cls = editor_class(self.cfg.method)
         config = cls.Config(**self.cfg.method_config)
-        context: dict[str, Any] = {}
+        context: dict[str, Any] = {"task": TASKS[self.cfg.task]}
         if self.cfg.train_data:
             from mmke.data.schema import load_records
 
@@ -202,8 +208,6 @@ class Run:
     def summarise(self, store: CaseStore, n_skipped: int, elapsed: float) -> dict[str, Any]:
         rows = store.rows()
         mean = lambda key, kind: statistics.fmean(r[key][kind] for r in rows)  # noqa: E731
-        prev = self.out / "summary.json"
-        total = elapsed + (json.loads(prev.read_text())["timing"]["total_s"] if prev.exists() else 0.0)
         summary = {
             "model": self.cfg.model, "task": self.cfg.task, "method": self.cfg.method,
             "setting": "one-step", "n_cases": len(rows), "n_skipped": n_skipped, "seed": self.cfg.seed,
@@ -212,7 +216,7 @@ class Run:
             "pre_edit_metrics": {k: mean("pre_edit", k) for k in EDIT_METRICS},
             "timing": {"edit_s_median": statistics.median(r["edit_s"] for r in rows),
                        "eval_s_median": statistics.median(r["eval_s"] for r in rows),
-                       "total_s": total},
+                       "total_s": elapsed},  # wall time of the invocation that finished the run
             "protocol": ("teacher-forced; edit metrics = token accuracy (exact match in metrics_exact_match); "
                          f"locality = {'top-10 rank-by-rank (reference) for M-Loc, ' if self.cfg.m_locality != 'top1' else ''}"
                          "top-1 agreement with pre-edit outputs at the target positions; "

@@ -148,16 +148,22 @@ class ModelAdapter(ABC):
     def target_view(self, batch: Batch) -> TargetView:
         return self._target_view(batch.to(self.device))
 
-    def run(self, examples: Sequence[Example]) -> TargetView:
-        """Prepare + forward + align with targets. Image and text-only examples are run in
-        separate sub-batches (some families need pixels for every row) and merged in order."""
+    def sub_batches(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Indices of the examples run together: all at once where the forward handles image and
+        text-only rows together, else one group per kind (some families need pixels per row)."""
         groups: dict[bool, list[int]] = {}
         for i, ex in enumerate(examples):
             groups.setdefault(self.mixed_batches or ex.image is not None, []).append(i)
+        return list(groups.values())
+
+    def run(self, examples: Sequence[Example]) -> TargetView:
+        """Prepare + forward + align with targets. Image and text-only examples are run in
+        separate sub-batches (some families need pixels for every row) and merged in order."""
+        groups = self.sub_batches(examples)
         views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         prev = self.current_examples
         try:
-            for idx in groups.values():
+            for idx in groups:
                 sub = [examples[i] for i in idx]
                 self.current_examples = sub
                 batch = self.prepare(sub)
