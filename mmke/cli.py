@@ -60,7 +60,7 @@ def data_build(
     from mmke.data.build import build_benchmark
     from mmke.data.bundled import default_benchmark_dir
 
-    out = out or default_benchmark_dir(seed)
+    out = out or default_benchmark_dir(seed, counterfactual)
     manifest = build_benchmark(out, seed=seed, counterfactual=counterfactual, n_eval=n_eval)
     console.print(f"wrote the benchmark to [bold]{out}[/bold]")
     console.print_json(json.dumps({k: v for k, v in manifest.items() if k != "files"}))

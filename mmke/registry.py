@@ -24,6 +24,8 @@ METHODS: dict[str, Entry] = {e.name: e for e in [
     Entry("ft-lm", "mmke.editors.ft:FTEditor", "fine-tune the last LM FFN layer on the edit"),
     Entry("ft-vision", "mmke.editors.ft:FTVisionEditor", "fine-tune the vision tower and connector on the edit"),
     Entry("ike", "mmke.editors.ike:IKEEditor", "in-context editing with k retrieved demonstrations"),
+    Entry("t-patcher", "mmke.editors.tpatcher:TPatcherEditor",
+          "a few new neurons in the last LM FFN layer per edit (activation + memory losses)"),
 ]}
 
 MODELS: dict[str, Entry] = {e.name: e for e in [

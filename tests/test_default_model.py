@@ -1,6 +1,5 @@
 """The bundled default model through the adapter, and the foundation editors on it."""
 
-import hashlib
 
 import pytest
 import torch
@@ -9,18 +8,12 @@ from PIL import Image
 from mmke.data import easyvqa_source as ev
 from mmke.editors.base import EditRequest
 from mmke.editors.ft import FTEditor, FTVisionEditor
-from mmke.models.base import Example, target_nll
+from mmke.models.base import Example, state_digest, target_nll
 from mmke.tasks import VQA_TEMPLATE
 
 pytestmark = pytest.mark.slow
 
 
-def state_hash(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +52,16 @@ def test_batched_equals_single(adapter, case):
 
 @pytest.mark.parametrize("cls", [FTEditor, FTVisionEditor])
 def test_ft_edit_moves_target_and_restores_exactly(adapter, case, cls):
-    before = state_hash(adapter.model)
+    before = state_digest(adapter.model)
     with torch.no_grad():
         nll0 = target_nll(adapter.run([case])).item()
     h = cls(adapter).edit(EditRequest(case))
     with torch.no_grad():
         nll1 = target_nll(adapter.run([case])).item()
     assert nll1 < nll0 - 0.5
-    assert state_hash(adapter.model) != before
+    assert state_digest(adapter.model) != before
     h.remove()
-    assert state_hash(adapter.model) == before
+    assert state_digest(adapter.model) == before
 
 
 def test_ft_lm_reaches_target(adapter, case):

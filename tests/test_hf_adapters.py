@@ -1,6 +1,5 @@
 """Hugging Face families (BLIP-2 OPT, LLaVA) through HFAdapter, on tiny random instances (offline)."""
 
-import hashlib
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ from torch import nn
 
 from mmke.editors.base import EditRequest
 from mmke.editors.ft import FTConfig, FTEditor
-from mmke.models.base import Example, target_nll
+from mmke.models.base import Example, state_digest, target_nll
 from mmke.models.hf import HFAdapter, ModuleGroup, layout_for, load_hf
 from mmke.models.tiny import tiny_blip2, tiny_llava, tiny_processor
 
@@ -50,18 +49,12 @@ def n_target(adapter, ex):
     return len(adapter.tokenizer(ex.target, add_special_tokens=False).input_ids)
 
 
-def state_hash(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_tiny_models_are_deterministic():
     for build in FAMILIES.values():
-        assert state_hash(build(seed=1).model) == state_hash(build(seed=1).model)
-        assert state_hash(build(seed=1).model) != state_hash(build(seed=2).model)
+        assert state_digest(build(seed=1).model) == state_digest(build(seed=1).model)
+        assert state_digest(build(seed=1).model) != state_digest(build(seed=2).model)
 
 
 def test_forward_finite_and_aligned(adapter):
@@ -207,7 +200,7 @@ def test_edit_sites(family):
 def test_ft_edit_remove_save_load(family, with_image, tmp_path):
     adapter = FAMILIES[family]()
     ex = Example("What is the color of the shape?", " a blue circle", image() if with_image else None)
-    before_hash = state_hash(adapter.model)
+    before_hash = state_digest(adapter.model)
     with torch.no_grad():
         v0 = adapter.run([ex])
     nll0 = target_nll(v0).item()
@@ -221,14 +214,14 @@ def test_ft_edit_remove_save_load(family, with_image, tmp_path):
     assert not any(p.requires_grad for p in adapter.model.parameters())
     handle.save(tmp_path / "edit")
     handle.remove()
-    assert state_hash(adapter.model) == before_hash
+    assert state_digest(adapter.model) == before_hash
     with torch.no_grad():
         assert torch.equal(adapter.run([ex]).logits, v0.logits)
     loaded = editor.load(tmp_path / "edit")
     with torch.no_grad():
         assert torch.equal(adapter.run([ex]).logits, v1.logits)
     loaded.remove()
-    assert state_hash(adapter.model) == before_hash
+    assert state_digest(adapter.model) == before_hash
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -283,7 +276,7 @@ def test_ft_vision_edit(family):
 
     adapter = FAMILIES[family]()
     ex = Example("What is the color?", " blue", image())
-    before = state_hash(adapter.model)
+    before = state_digest(adapter.model)
     with torch.no_grad():
         nll0 = target_nll(adapter.run([ex])).item()
     handle = FTVisionEditor(adapter).edit(EditRequest(ex))
@@ -293,4 +286,4 @@ def test_ft_vision_edit(family):
     if family == "blip2":
         assert "query_tokens" in handle.tensors
     handle.remove()
-    assert state_hash(adapter.model) == before
+    assert state_digest(adapter.model) == before

@@ -1,106 +1,149 @@
-"""Build the bundled benchmark (E-VQA-lite, E-IC-lite) from the easy-VQA package.
+"""Build the bundled benchmark (E-VQA-lite, E-IC-lite) from the easy-VQA package (SPEC §1).
 
-Eval cases are the ones the default model gets wrong (its committed ``predictions.json``); with
-``counterfactual`` they are cases it gets right, with a chosen wrong answer as the target. Every
-record has all MMEdit fields: ``rephrase`` is another phrasing with the same meaning, so the same
-answer; ``image_rephrase`` another image with the same colour and shape; ``m_loc*`` a real
-easy-VQA question about an image differing in colour and shape; ``loc*`` a country-capital
-question. Deterministic for a seed. Nothing is written outside ``out_dir``.
+Eval cases are the easy-VQA **test** cases the default model gets wrong (its ``predictions.json``);
+with ``counterfactual`` they are cases it gets right, with a chosen wrong answer as the target.
+Every record has all MMEdit fields:
+
+- ``rephrase``: another phrasing of the question with the same meaning, hence the same answer for
+  the same image (see :func:`canonicalise`); for captions another caption prompt;
+- ``image_rephrase``: another image with the same colour and shape;
+- ``m_loc``/``m_loc_q``/``m_loc_a``: a real easy-VQA question and answer about an image that
+  differs in colour *and* shape;
+- ``loc``/``loc_ans``: an NQ-style country-capital question (:mod:`mmke.data.textfacts`).
+
+Train files are built the same way from the easy-VQA **train** split (retrieval pools, editor
+training data), without ``pred``. The output is deterministic for a seed; nothing is written
+outside ``out_dir``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import random
+import re
 import shutil
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mmke import __version__
 from mmke.data import easyvqa_source as ev
 from mmke.data.textfacts import capital_questions
+from mmke.data.textfacts import source_version as facts_source
 from mmke.models.default import COLOURS, SHAPES
 from mmke.paths import ASSETS
 
 log = logging.getLogger(__name__)
-MIN_CASES_WARNING = 50
 
-# ---- question meanings and their surface forms -------------------------------------------
-Meaning = tuple[str, str]
+MIN_CASES_WARNING = 50  # fewer eval cases than this: warn and say so in the manifest
+FILES = ("vqa_eval.json", "caption_eval.json", "vqa_train.json", "caption_train.json")
+
+# ---- question meanings ---------------------------------------------------------------------
+# A meaning is (kind, argument):
+#   ("contains", w)      is there a <w>?            w a colour ("red shape") or a shape
+#   ("not_contains", w)  does the image not contain a <w>?
+#   ("color", None|s)    what color is the shape / the <s>?
+#   ("shape", None|c)    what shape is in the image / what is the <c> shape?
+Meaning = tuple[str, str | None]
+
+_C, _S = "|".join(COLOURS), "|".join(SHAPES)
+_OBJ = rf"(?:(?P<c>{_C}) shape|(?P<s>{_S}))"  # "red shape" or "circle"
+_PATTERNS: list[tuple[str, re.Pattern[str]]] = [(kind, re.compile(p)) for kind, p in [
+    ("contains", rf"is there an? {_OBJ}(?: in the image)?\?"),
+    ("contains", rf"does the image contain an? {_OBJ}\?"),
+    ("contains", rf"is an? {_OBJ} present\?"),
+    ("contains", rf"can you see an? {_OBJ}\?"),  # mmke fallback
+    ("not_contains", rf"is there not an? {_OBJ}(?: in the image)?\?"),
+    ("not_contains", rf"does the image not contain an? {_OBJ}\?"),
+    ("not_contains", rf"is no {_OBJ} present\?"),
+    ("not_contains", rf"is there no {_OBJ}\?"),  # mmke fallback
+    ("color", rf"what colou?r is the (?:shape|(?P<s>{_S}))\?"),
+    ("color", rf"what is the colou?r of the (?:shape|(?P<s>{_S}))\?"),
+    ("color", rf"which colou?r is the (?:shape|(?P<s>{_S}))\?"),  # mmke fallback
+    ("shape", r"what shape (?:is in the image|does the image contain|is present)\?"),
+    ("shape", rf"what is the (?P<c>{_C}) shape\?"),
+    ("shape", rf"which shape is (?:shown|(?P<c>{_C}))\?"),  # mmke fallback
+]]
 
 
-def _forms(kind: str, w: str) -> list[str]:
-    """Every surface form of a meaning (easy-VQA's own phrasings, plus one written here for
-    ``shape_of`` which easy-VQA phrases only one way)."""
+def canonicalise(question: str) -> Meaning:
+    """The meaning of an easy-VQA question: ``("contains", "red")`` for "is a red shape present?",
+    ``("color", None)`` for "what is the color of the shape?", ``("shape", "blue")`` for
+    "what is the blue shape?". Questions with the same meaning have the same answer for the same
+    image. Raises ValueError for a question outside easy-VQA's (and mmke's fallback) forms."""
+    q = " ".join(question.lower().split())
+    for kind, pattern in _PATTERNS:
+        m = pattern.fullmatch(q)
+        if m:
+            groups = m.groupdict()
+            return kind, groups.get("c") or groups.get("s")
+    raise ValueError(f"not an easy-VQA question form: {question!r}")
+
+
+def _fallback_form(meaning: Meaning) -> str:
+    """mmke's own phrasing of a meaning, used when easy-VQA has a single form of it (in easy-VQA
+    1.0 only "what is the <colour> shape?", whose fallback is "which shape is <colour>?")."""
+    kind, w = meaning
     noun = f"{w} shape" if w in COLOURS else w
-    if kind == "has":
-        return [f"is there a {noun}?", f"is there a {noun} in the image?",
-                f"does the image contain a {noun}?", f"is a {noun} present?"]
-    if kind == "not":
-        return [f"is there not a {noun}?", f"is there not a {noun} in the image?",
-                f"does the image not contain a {noun}?", f"is no {noun} present?"]
-    if kind == "colour":
-        return [f"what color is the {w}?", f"what is the color of the {w}?"]
-    if kind == "shape":
-        return ["what shape is in the image?", "what shape does the image contain?", "what shape is present?"]
-    if kind == "shape_of":
-        return [f"what is the {w} shape?", f"which shape is {w}?"]  # the second is mmke's
-    raise ValueError(kind)
+    if kind == "contains":
+        return f"can you see a {noun}?"
+    if kind == "not_contains":
+        return f"is there no {noun}?"
+    if kind == "color":
+        return f"which color is the {w or 'shape'}?"
+    return f"which shape is {w or 'shown'}?"
 
 
 @lru_cache(maxsize=1)
-def _surface_table() -> dict[str, Meaning]:
-    table: dict[str, Meaning] = {}
-    for w in COLOURS + SHAPES:
-        for kind in ("has", "not"):
-            for f in _forms(kind, w):
-                table[f] = (kind, w)
-    for w in SHAPES + ["shape"]:
-        for f in _forms("colour", w):
-            table[f] = ("colour", w)
-    for f in _forms("shape", ""):
-        table[f] = ("shape", "")
-    for c in COLOURS:
-        for f in _forms("shape_of", c):
-            table[f] = ("shape_of", c)
-    return table
+def _observed_forms() -> dict[Meaning, tuple[str, ...]]:
+    """Every distinct easy-VQA question (both splits), grouped by meaning, sorted."""
+    forms: dict[Meaning, set[str]] = {}
+    for split in ev.SPLITS:
+        for q, _, _ in ev.questions(split):
+            forms.setdefault(canonicalise(q), set()).add(q)
+    return {m: tuple(sorted(qs)) for m, qs in forms.items()}
 
 
-def meaning(question: str) -> Meaning:
-    """The meaning of an easy-VQA question, e.g. ("has", "red") for "is a red shape present?"."""
-    try:
-        return _surface_table()[question]
-    except KeyError:
-        raise ValueError(f"not an easy-VQA question form: {question!r}") from None
+def surface_forms(meaning: Meaning) -> list[str]:
+    """The phrasings of a meaning: easy-VQA's own, plus mmke's fallback if it has only one."""
+    forms = list(_observed_forms().get(meaning, ()))
+    if len(forms) < 2:
+        forms.append(_fallback_form(meaning))
+    return forms
 
 
 def paraphrase(question: str, rng: random.Random) -> str:
-    """Another surface form of the same meaning (so the same answer for the same image)."""
-    kind, w = meaning(question)
-    others = [f for f in _forms(kind, w) if f != question]
-    return rng.choice(others)
+    """Another phrasing with the same meaning (so the same answer for the same image)."""
+    return rng.choice([f for f in surface_forms(canonicalise(question)) if f != question])
 
 
-# ---- answers ----------------------------------------------------------------------------
+meaning = canonicalise  # short alias
+
+
+# ---- counterfactual answers ----------------------------------------------------------------
 def wrong_answer(answer: str, rng: random.Random) -> str:
-    """A counterfactual answer of the same type."""
+    """A counterfactual answer of the same type: yes<->no, another colour, another shape."""
     if answer in ("yes", "no"):
         return "no" if answer == "yes" else "yes"
-    pool = COLOURS if answer in COLOURS else SHAPES
+    pool = COLOURS if answer in COLOURS else SHAPES if answer in SHAPES else None
+    if pool is None:
+        raise ValueError(f"not an easy-VQA answer: {answer!r}")
     return rng.choice([a for a in pool if a != answer])
 
 
 def wrong_caption(colour: str, shape: str, rng: random.Random) -> str:
+    """A caption with the colour or the shape changed."""
     if rng.random() < 0.5:
         return ev.caption(wrong_answer(colour, rng), shape)
     return ev.caption(colour, wrong_answer(shape, rng))
 
 
-# ---- builder ----------------------------------------------------------------------------
+# ---- per-split lookups ---------------------------------------------------------------------
 class _Split:
-    """Per-split lookups: labels, images by label, questions by image."""
+    """Labels, images by label and questions by image of one easy-VQA split; remembers which
+    images the records use so that only those are copied."""
 
     def __init__(self, split: str) -> None:
         self.split = split
@@ -112,134 +155,238 @@ class _Split:
         for q, a, i in ev.questions(split):
             self.questions_of.setdefault(i, []).append((q, a))
         self.used: set[int] = set()
+        self._pools: dict[tuple[str, str], list[int]] = {}
 
     def rel(self, i: int) -> str:
+        """The record's path of image ``i``, relative to the benchmark directory."""
         self.used.add(i)
         return f"images/{self.split}/{i}.png"
 
     def same_content(self, i: int, rng: random.Random) -> int | None:
+        """Another image with the same (colour, shape), or None if there is none."""
         others = [j for j in self.by_label[self.labels[i]] if j != i]
         return rng.choice(others) if others else None
 
-    def unrelated(self, i: int, rng: random.Random) -> int:
-        c, s = self.labels[i]
-        pool = [lab for lab in self.by_label if lab[0] != c and lab[1] != s]
-        j = rng.choice(self.by_label[rng.choice(sorted(pool))])
-        return j
+    def unrelated(self, i: int, rng: random.Random) -> int | None:
+        """An image of another colour and another shape (that has questions), or None."""
+        pool = self._unrelated_pool(self.labels[i])
+        return rng.choice(pool) if pool else None
+
+    def _unrelated_pool(self, label: tuple[str, str]) -> list[int]:
+        if label not in self._pools:
+            c, s = label
+            self._pools[label] = [j for lab in sorted(self.by_label) if lab[0] != c and lab[1] != s
+                                  for j in self.by_label[lab] if j in self.questions_of]
+        return self._pools[label]
 
 
-def _common(sp: _Split, i: int, rng: random.Random, facts: list[tuple[str, str]]) -> dict[str, Any] | None:
-    j = sp.same_content(i, rng)
-    if j is None:
+def _context_fields(sp: _Split, i: int, rng: random.Random,
+                    facts: list[tuple[str, str]]) -> dict[str, str] | None:
+    """The fields every record of image ``i`` shares: image_rephrase, m_loc*, loc*."""
+    j, m = sp.same_content(i, rng), sp.unrelated(i, rng)
+    if j is None or m is None:
         return None
-    m = sp.unrelated(i, rng)
     m_q, m_a = rng.choice(sp.questions_of[m])
     loc, loc_ans = rng.choice(facts)
     return {"image": sp.rel(i), "image_rephrase": sp.rel(j), "loc": loc, "loc_ans": loc_ans,
             "m_loc": sp.rel(m), "m_loc_q": m_q, "m_loc_a": m_a}
 
 
-def _vqa_records(sp: _Split, items: list[tuple[int, str, str, int]], preds: dict[int, str] | None,
-                 counterfactual: bool, rng: random.Random, facts) -> list[dict[str, Any]]:
+def _record(src: str, alt: str, rephrase: str, ctx: dict[str, str], pred: str | None) -> dict[str, str]:
+    """An MMEdit record with its fields in the usual order."""
+    rec = {"src": src, "alt": alt, "rephrase": rephrase, "image": ctx["image"],
+           "image_rephrase": ctx["image_rephrase"], "loc": ctx["loc"], "loc_ans": ctx["loc_ans"],
+           "m_loc": ctx["m_loc"], "m_loc_q": ctx["m_loc_q"], "m_loc_a": ctx["m_loc_a"]}
+    if pred is not None:
+        rec["pred"] = pred
+    return rec
+
+
+@dataclass(frozen=True)
+class _Question:
+    """An easy-VQA question of a split, with its position in ``questions(split)``."""
+
+    pos: int
+    text: str
+    answer: str
+    image: int
+
+
+def _vqa_records(sp: _Split, items: list[_Question], preds: list[str] | None, counterfactual: bool,
+                 rng: random.Random, facts: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """E-VQA records for ``items``; ``preds`` (by question position) only for eval records."""
     out = []
-    for qi, q, a, i in items:
-        base = _common(sp, i, rng, facts)
-        if base is None:
+    for it in items:
+        ctx = _context_fields(sp, it.image, rng, facts)
+        if ctx is None:
             continue
-        rec = {"src": q, "alt": wrong_answer(a, rng) if counterfactual else a,
-               "rephrase": paraphrase(q, rng), **base}
-        if preds is not None:
-            rec["pred"] = preds[qi]
-        out.append(rec)
+        alt = wrong_answer(it.answer, rng) if counterfactual else it.answer
+        pred = preds[it.pos] if preds is not None else None
+        out.append(_record(it.text, alt, paraphrase(it.text, rng), ctx, pred))
     return out
 
 
-def _caption_records(sp: _Split, ids: list[int], preds: dict[int, str] | None, counterfactual: bool,
-                     rng: random.Random, facts) -> list[dict[str, Any]]:
+def _caption_records(sp: _Split, ids: list[int], preds: dict[int, str] | None,
+                     counterfactual: bool, rng: random.Random,
+                     facts: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """Eval records (``preds`` given) use the prompt the predictions were made with,
+    CAPTION_PROMPTS[0]; train records use any caption prompt, for variety."""
     out = []
     for i in ids:
-        base = _common(sp, i, rng, facts)
-        if base is None:
+        ctx = _context_fields(sp, i, rng, facts)
+        if ctx is None:
             continue
         src = ev.CAPTION_PROMPTS[0] if preds is not None else rng.choice(ev.CAPTION_PROMPTS)
         c, s = sp.labels[i]
-        rec = {"src": src, "alt": wrong_caption(c, s, rng) if counterfactual else ev.caption(c, s),
-               "rephrase": rng.choice([p for p in ev.CAPTION_PROMPTS if p != src]), **base}
-        if preds is not None:
-            rec["pred"] = preds[i]
-        out.append(rec)
+        alt = wrong_caption(c, s, rng) if counterfactual else ev.caption(c, s)
+        rephrase = rng.choice([p for p in ev.CAPTION_PROMPTS if p != src])
+        out.append(_record(src, alt, rephrase, ctx, preds[i] if preds is not None else None))
     return out
 
 
+# ---- predictions ---------------------------------------------------------------------------
 def load_predictions() -> dict[str, Any]:
+    """The default model's committed teacher-forced predictions on the easy-VQA test split."""
     f = ASSETS / "default" / "predictions.json"
     if not f.exists():
-        raise FileNotFoundError(f"{f} is missing: train the default model first (`mmke train base`)")
+        raise FileNotFoundError(f"{f} is missing: the bundled benchmark picks the cases the default "
+                                f"model gets wrong; train the default model first (`mmke train base`)")
     return json.loads(f.read_text())
 
 
-def _write(out: Path, name: str, records: list[dict[str, Any]]) -> None:
-    (out / name).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+def _check_predictions(preds: dict[str, Any]) -> tuple[list[tuple[int, str]], dict[int, tuple[int, str]]]:
+    """(per test question: (ok, pred)), (per test image id: (ok, caption)), checked for shape."""
+    n = len(ev.questions("test"))
+    tq, tc = preds.get("test_questions"), preds.get("test_captions")
+    if not isinstance(tq, list) or len(tq) != n:
+        got = len(tq) if isinstance(tq, list) else type(tq).__name__
+        raise ValueError(f"predictions['test_questions'] must list one [ok, pred] per easy-VQA test "
+                         f"question ({n}), got {got}")
+    if not isinstance(tc, dict):
+        raise ValueError("predictions['test_captions'] must map image ids to [ok, caption]")
+    try:
+        questions = [(int(ok), str(p)) for ok, p in tq]
+        captions = {int(k): (int(v[0]), str(v[1])) for k, v in tc.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"malformed predictions entry ({e}); expected [ok, prediction] pairs") from e
+    missing = [i for i in ev.image_labels("test") if i not in captions]
+    if missing:
+        log.warning("predictions have no caption for %d labelled test images; they are left out",
+                    len(missing))
+    return questions, captions
+
+
+# ---- builder -------------------------------------------------------------------------------
+def _pick(items: list[Any], n: int | None, rng: random.Random) -> list[Any]:
+    """Up to ``n`` items (all if None) in a seed-dependent order."""
+    items = list(items)
+    rng.shuffle(items)
+    return items if n is None else items[:n]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _copy_images(out: Path, splits: list[_Split]) -> None:
+    for sp in splits:
+        d = out / "images" / sp.split
+        d.mkdir(parents=True, exist_ok=True)
+        for i in sorted(sp.used):
+            shutil.copyfile(ev.image_path(sp.split, i), d / f"{i}.png")
+
+
+def _check_sizes(**sizes: int | None) -> None:
+    for name, n in sizes.items():
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+
+
+def _easyvqa_version() -> str:
+    try:
+        return importlib.metadata.version("easy-vqa")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_benchmark(out_dir: str | Path, *, seed: int = 0, predictions: dict[str, Any] | None = None,
                     n_train_vqa: int = 2000, n_train_caption: int = 1000, n_eval: int | None = None,
                     counterfactual: bool = False) -> dict[str, Any]:
-    """Write {vqa,caption}_{train,eval}.json, the images they use and manifest.json to out_dir."""
+    """Write ``{vqa,caption}_{eval,train}.json``, the images they use (``images/{train,test}/``)
+    and ``manifest.json`` under ``out_dir``; return the manifest.
+
+    ``predictions``: the default model's correctness on the test split (see ``load_predictions``,
+    the default). ``n_eval`` caps the eval records per task (None: all candidates).
+    ``counterfactual``: edit cases the model gets right, towards a chosen wrong answer.
+    """
+    from mmke import __version__
+
+    _check_sizes(n_train_vqa=n_train_vqa, n_train_caption=n_train_caption, n_eval=n_eval)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    preds = predictions if predictions is not None else load_predictions()
+    raw = predictions if predictions is not None else load_predictions()
+    q_preds, c_preds = _check_predictions(raw)
     facts = capital_questions()
     test, train = _Split("test"), _Split("train")
     want_ok = 1 if counterfactual else 0
+    rng = lambda stream: random.Random(f"{seed}:{stream}")  # noqa: E731  one stream per file
 
-    # E-VQA-lite eval: test questions the model gets wrong (or right, for counterfactuals)
-    tq = ev.questions("test")
-    cands = [(k, q, a, i) for k, ((q, a, i), (ok, _)) in enumerate(zip(tq, preds["test_questions"]))
-             if ok == want_ok and i in test.labels]
-    rng = random.Random(seed)
-    rng.shuffle(cands)
-    vqa_eval = _vqa_records(test, sorted(cands[:n_eval] if n_eval else cands), 
-                            {k: p for k, (_, p) in enumerate(preds["test_questions"])}, counterfactual,
-                            random.Random(seed + 1), facts)
-    # E-IC-lite eval: test images whose caption the model gets wrong (or right)
-    caps = preds["test_captions"]
-    cap_ids = [i for i in sorted(test.labels) if caps.get(str(i), [1])[0] == want_ok]
-    rng.shuffle(cap_ids)
-    cap_eval = _caption_records(test, sorted(cap_ids[:n_eval] if n_eval else cap_ids),
-                                {int(k): v[1] for k, v in caps.items()}, counterfactual,
-                                random.Random(seed + 2), facts)
-    # train splits: any train question / labelled train image (retrieval pools, editor training)
-    trq = [(k, q, a, i) for k, (q, a, i) in enumerate(ev.questions("train")) if i in train.labels]
-    trq = sorted(random.Random(seed + 3).sample(trq, min(n_train_vqa, len(trq))))
-    vqa_train = _vqa_records(train, trq, None, counterfactual, random.Random(seed + 4), facts)
-    tr_ids = sorted(random.Random(seed + 5).sample(sorted(train.labels), min(n_train_caption, len(train.labels))))
-    cap_train = _caption_records(train, tr_ids, None, counterfactual, random.Random(seed + 6), facts)
+    # eval: test cases the model gets wrong (or right, for counterfactuals)
+    vqa_cands = [_Question(k, q, a, i) for k, (q, a, i) in enumerate(ev.questions("test"))
+                 if q_preds[k][0] == want_ok and i in test.labels]
+    cap_cands = [i for i in sorted(test.labels) if i in c_preds and c_preds[i][0] == want_ok]
+    vqa_eval = _vqa_records(test, _pick(vqa_cands, n_eval, rng("vqa_eval/pick")),
+                            [p for _, p in q_preds], counterfactual, rng("vqa_eval"), facts)
+    cap_eval = _caption_records(test, _pick(cap_cands, n_eval, rng("caption_eval/pick")),
+                                {i: p for i, (_, p) in c_preds.items()}, counterfactual,
+                                rng("caption_eval"), facts)
+    # train: any train question / labelled train image (retrieval pools, editor training)
+    tr_q = [_Question(k, q, a, i) for k, (q, a, i) in enumerate(ev.questions("train")) if i in train.labels]
+    vqa_train = _vqa_records(train, _pick(tr_q, n_train_vqa, rng("vqa_train/pick")), None,
+                             counterfactual, rng("vqa_train"), facts)
+    cap_train = _caption_records(train, _pick(sorted(train.labels), n_train_caption,
+                                              rng("caption_train/pick")),
+                                 None, counterfactual, rng("caption_train"), facts)
 
-    for name, recs in (("vqa_eval.json", vqa_eval), ("caption_eval.json", cap_eval),
-                       ("vqa_train.json", vqa_train), ("caption_train.json", cap_train)):
-        _write(out, name, recs)
-    for sp in (test, train):
-        d = out / "images" / sp.split
-        d.mkdir(parents=True, exist_ok=True)
-        for i in sorted(sp.used):
-            dst = d / f"{i}.png"
-            if not dst.exists():
-                shutil.copyfile(ev.image_path(sp.split, i), dst)
-    for name, recs in (("vqa_eval", vqa_eval), ("caption_eval", cap_eval)):
-        if len(recs) < MIN_CASES_WARNING:
-            log.warning("%s has only %d cases (the default model gets few of them wrong); "
-                        "--counterfactual gives more", name, len(recs))
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_images(out, [test, train])
+    records = dict(zip(FILES, (vqa_eval, cap_eval, vqa_train, cap_train)))
+    for name, recs in records.items():
+        _write_json(out / name, recs)
+    warnings = _few_cases_warnings(vqa_eval=len(vqa_cands), caption_eval=len(cap_cands),
+                                   counterfactual=counterfactual)
     manifest = {
-        "source": "easy-vqa 1.0 (package easy-vqa)", "mmke_version": __version__, "seed": seed,
-        "counterfactual": counterfactual, "weights": preds.get("weights"),
-        "counts": {"vqa_eval": len(vqa_eval), "caption_eval": len(cap_eval),
-                   "vqa_train": len(vqa_train), "caption_train": len(cap_train)},
+        "source": f"easy-vqa {_easyvqa_version()} (package easy-vqa)",
+        "text_facts": facts_source(),
+        "mmke_version": __version__,
+        "seed": seed,
+        "counterfactual": counterfactual,
+        "weights": raw.get("weights"),
         "eval_cases": ("cases the default model gets right, targets set to a chosen wrong answer"
                        if counterfactual else "cases the default model gets wrong"),
+        "counts": {name[:-5]: len(recs) for name, recs in records.items()},
+        "candidates": {"vqa_eval": len(vqa_cands), "caption_eval": len(cap_cands)},
+        "n_eval": n_eval,
+        "warnings": warnings,
         "files": {"vqa": ["vqa_eval.json", "vqa_train.json"],
                   "caption": ["caption_eval.json", "caption_train.json"]},
         "image_root": ".",
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_json(out / "manifest.json", manifest)  # last: its presence marks a complete build
+    log.info("built the benchmark under %s: %s", out, manifest["counts"])
     return manifest
+
+
+def _few_cases_warnings(*, counterfactual: bool, **candidates: int) -> list[str]:
+    """Warn (log and manifest) about eval tasks with fewer candidate cases than MIN_CASES_WARNING."""
+    warnings = []
+    for name, n in candidates.items():
+        if n < MIN_CASES_WARNING:
+            what = "right" if counterfactual else "wrong"
+            hint = "" if counterfactual else "; --counterfactual gives more cases"
+            msg = (f"{name}: only {n} cases the default model gets {what} "
+                   f"(fewer than {MIN_CASES_WARNING}){hint}")
+            log.warning(msg)
+            warnings.append(msg)
+    return warnings

@@ -12,9 +12,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SEED = 0
 
 
-def default_benchmark_dir(seed: int = DEFAULT_SEED) -> Path:
-    """``$MMKE_CACHE/easyvqa-lite/seed-<S>`` (``~/.cache/mmke`` by default)."""
-    return cache_dir() / "easyvqa-lite" / f"seed-{seed}"
+def default_benchmark_dir(seed: int = DEFAULT_SEED, counterfactual: bool = False) -> Path:
+    """``$MMKE_CACHE/easyvqa-lite/seed-<S>[-counterfactual]`` (``~/.cache/mmke`` by default)."""
+    return cache_dir() / "easyvqa-lite" / (f"seed-{seed}" + ("-counterfactual" if counterfactual else ""))
 
 
 def ensure_benchmark(out: Path, seed: int = DEFAULT_SEED) -> Path:
@@ -26,7 +26,8 @@ def ensure_benchmark(out: Path, seed: int = DEFAULT_SEED) -> Path:
     manifest = out / "manifest.json"
     if manifest.exists():
         m = json.loads(manifest.read_text())
-        if m.get("seed") == seed and m.get("weights") in (None, weights_digest()):
+        if (m.get("seed") == seed and not m.get("counterfactual")
+                and m.get("weights") in (None, weights_digest())):
             return out
         log.info("%s was built for other default-model weights; rebuilding", out)
     log.info("building the bundled benchmark (seed %d) under %s", seed, out)

@@ -1,9 +1,10 @@
 """The MMEdit record and a strict loader (SPEC §1).
 
-A data file is a JSON list of objects or JSON Lines. Every record is validated; a problem raises
-:class:`DataError` naming the file, the record index and the field, or with ``skip_invalid`` the
-record is skipped, logged and returned in ``LoadResult.skipped``. Image paths are untrusted: they
-must stay inside their root.
+A data file is a JSON list of objects or JSON Lines (told apart by content, not by extension).
+Every record is validated; a problem raises :class:`DataError` naming the file, the record index
+and the field, or with ``skip_invalid`` the record is skipped, logged and returned in
+``LoadResult.skipped``. Image paths are untrusted input: they must be relative and stay inside
+their root, and the files must be images PIL can read.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ log = logging.getLogger(__name__)
 REQUIRED = ("src", "alt", "rephrase", "image", "image_rephrase", "loc", "loc_ans",
             "m_loc", "m_loc_q", "m_loc_a")
 OPTIONAL = ("pred",)
-NON_EMPTY = ("src", "alt")
 IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
+NON_EMPTY = {"src": "empty prompt", "alt": "empty target"}
 
 
 class DataError(ValueError):
-    """A problem with a data file, naming the file, the record index and the field."""
+    """A problem with a data file: ``"{file}: record {index}: field '{field}': {problem}"``.
+
+    ``index`` and ``field`` are None for file-level problems (invalid JSON, no records, ...) and
+    ``field`` is None for record-level ones (not an object, an unparsable JSON Lines line).
+    """
 
     def __init__(self, file: str | Path, index: int | None, field: str | None, problem: str) -> None:
         self.file, self.index, self.field, self.problem = str(file), index, field, problem
@@ -40,6 +45,11 @@ class DataError(ValueError):
 
 @dataclass
 class EditRecord:
+    """One validated edit case. The string fields are the MMEdit JSON fields as written; the
+    ``*_path`` fields are the resolved absolute image paths (always set by :func:`load_records`);
+    ``index`` is the record's position in its file; ``extra`` holds any other fields
+    (VLKEB ``port_new``, MMKE-Bench ``knowledge_type``, ...) unchanged."""
+
     src: str
     alt: str
     rephrase: str
@@ -59,7 +69,7 @@ class EditRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The MMEdit JSON fields (and any extra fields) of this record."""
-        d = {k: getattr(self, k) for k in REQUIRED}
+        d: dict[str, Any] = {k: getattr(self, k) for k in REQUIRED}
         if self.pred is not None:
             d["pred"] = self.pred
         d.update(self.extra)
@@ -68,78 +78,109 @@ class EditRecord:
 
 @dataclass
 class LoadResult:
+    """What :func:`load_records` read: the valid records and the errors of skipped ones."""
+
     path: Path
     records: list[EditRecord]
     skipped: list[DataError]
 
 
-def _read_raw(path: Path) -> list[tuple[int, Any]]:
-    """(index, parsed object) pairs from a JSON list or JSON Lines file."""
+# ---- reading the file ------------------------------------------------------------------------
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(path, None, None, "file not found") from None
     except UnicodeDecodeError as e:
-        raise DataError(path, None, None, f"not UTF-8 text ({e})") from None
-    if not text.strip():
-        raise DataError(path, None, None, "empty file")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(path, None, None, f"invalid JSON at line {e.lineno}: {e.msg}") from None
-        if not data:
-            raise DataError(path, None, None, "empty list: no records")
-        return list(enumerate(data))
+        raise DataError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(path, None, None, f"cannot read the file ({e.strerror or e})") from None
+
+
+def _json_lines(path: Path, lines: list[str]) -> list[tuple[int, Any]]:
+    """(record index, object) per non-blank line; an unparsable line becomes its DataError."""
     out: list[tuple[int, Any]] = []
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if len(lines) == 1:  # a single JSON value that is not a list
+    for i, line in enumerate(lines):
         try:
-            value = json.loads(lines[0])
+            out.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(path, None, None, f"invalid JSON: {e.msg}") from None
-        if not isinstance(value, dict):
-            raise DataError(path, None, None, f"expected a JSON list of records or JSON Lines, "
-                                              f"got a JSON {type(value).__name__}")
-        return [(0, value)]
-    for i, ln in enumerate(lines):
-        try:
-            out.append((i, json.loads(ln)))
-        except json.JSONDecodeError as e:
-            out.append((i, DataError(path, i, None, f"invalid JSON Lines record: {e.msg}")))
+            out.append((i, DataError(path, i, None, f"invalid JSON Lines record: {e.msg} "
+                                                    f"at column {e.colno}")))
     return out
 
 
-def _resolve(root: Path, rel: str) -> Path | None:
-    """``root/rel`` if it stays inside ``root`` (absolute paths and escaping ``..`` are refused)."""
-    if Path(rel).is_absolute():
-        return None
-    p = (root / rel).resolve()
+def _read_raw(path: Path) -> list[tuple[int, Any]]:
+    """(index, parsed object or DataError) pairs from a JSON list or a JSON Lines file."""
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(path, None, None, "empty file: no records")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("[") or len(lines) == 1:
+            raise DataError(path, None, None, f"invalid JSON at line {e.lineno} column {e.colno}: "
+                                              f"{e.msg}") from None
+        return _json_lines(path, lines)
+    if isinstance(data, list):
+        if not data:
+            raise DataError(path, None, None, "empty list: no records")
+        return list(enumerate(data))
+    if isinstance(data, dict) and len(lines) == 1:  # JSON Lines with a single record
+        return [(0, data)]
+    raise DataError(path, None, None, f"expected a JSON list of records or JSON Lines, "
+                                      f"got a top-level JSON {type(data).__name__}")
+
+
+# ---- validating a record ---------------------------------------------------------------------
+def _resolve(root: Path, rel: str) -> Path | None:
+    """``root/rel`` made absolute if it stays inside ``root``; None for an absolute path, a ``..``
+    that leaves the root (symlinks included) or a path the OS refuses."""
+    try:
+        if not rel or Path(rel).is_absolute() or Path(rel).drive:
+            return None
+        p = (root / rel).resolve()
         p.relative_to(root.resolve())
-    except ValueError:
+    except (ValueError, OSError):
         return None
     return p
 
 
 class _ImageCheck:
-    """Checks each image file once per load."""
+    """Checks that each image file exists and PIL can read it, once per path per load."""
 
     def __init__(self) -> None:
         self.seen: dict[Path, str | None] = {}
 
     def __call__(self, p: Path) -> str | None:
+        """None if ``p`` is a readable image, otherwise the problem."""
         if p not in self.seen:
-            if not p.is_file():
-                self.seen[p] = f"image file not found: {p}"
-            else:
-                try:
-                    with Image.open(p) as im:
-                        im.verify()
-                    self.seen[p] = None
-                except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                    self.seen[p] = f"unreadable image {p}: {e}"
+            self.seen[p] = self._problem(p)
         return self.seen[p]
+
+    @staticmethod
+    def _problem(p: Path) -> str | None:
+        if not p.is_file():
+            return f"image file not found: {p}"
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return f"unreadable image {p}: {e}"
+        return None
+
+
+def _check_types(obj: dict[str, Any], path: Path, index: int) -> None:
+    for f in REQUIRED:
+        if f not in obj:
+            raise DataError(path, index, f, "missing")
+    for f in REQUIRED + OPTIONAL:
+        if f in obj and not isinstance(obj[f], str) and not (f in OPTIONAL and obj[f] is None):
+            got = "null" if obj[f] is None else type(obj[f]).__name__
+            raise DataError(path, index, f, f"expected a string, got {got}")
+    for f, problem in NON_EMPTY.items():
+        if not obj[f].strip():
+            raise DataError(path, index, f, problem)
 
 
 def validate(obj: Any, path: Path, index: int, image_root: Path, rephrase_root: Path,
@@ -147,41 +188,39 @@ def validate(obj: Any, path: Path, index: int, image_root: Path, rephrase_root: 
     """Turn one parsed object into an EditRecord or raise the DataError for its first problem."""
     if not isinstance(obj, dict):
         raise DataError(path, index, None, f"expected a JSON object, got {type(obj).__name__}")
-    for f in REQUIRED:
-        if f not in obj:
-            raise DataError(path, index, f, "missing")
-    for f in REQUIRED + OPTIONAL:
-        if f in obj and not isinstance(obj[f], str):
-            if f in OPTIONAL and obj[f] is None:
-                continue
-            raise DataError(path, index, f, f"expected a string, got {type(obj[f]).__name__}")
-    for f in NON_EMPTY:
-        if not obj[f].strip():
-            raise DataError(path, index, f, "empty target" if f == "alt" else "empty")
+    _check_types(obj, path, index)
     paths: dict[str, Path] = {}
     for f in IMAGE_FIELDS:
         root = rephrase_root if f == "image_rephrase" else image_root
         p = _resolve(root, obj[f])
         if p is None:
-            raise DataError(path, index, f, f"path {obj[f]!r} leaves the image root {root}")
+            raise DataError(path, index, f, f"path {obj[f]!r} is not a relative path inside "
+                                            f"the image root {root}")
         problem = check(p) if check else None
         if problem:
             raise DataError(path, index, f, problem)
         paths[f] = p
     extra = {k: v for k, v in obj.items() if k not in REQUIRED + OPTIONAL}
-    return EditRecord(**{f: obj[f] for f in REQUIRED}, pred=obj.get("pred"), index=index, extra=extra,
-                      image_path=paths["image"], image_rephrase_path=paths["image_rephrase"],
-                      m_loc_path=paths["m_loc"])
+    return EditRecord(**{f: obj[f] for f in REQUIRED}, pred=obj.get("pred"), index=index,
+                      extra=extra, image_path=paths["image"],
+                      image_rephrase_path=paths["image_rephrase"], m_loc_path=paths["m_loc"])
 
 
 def load_records(path: str | Path, image_root: str | Path | None = None,
                  rephrase_image_root: str | Path | None = None, *, skip_invalid: bool = False,
                  check_images: bool = True) -> LoadResult:
-    """Load and validate an MMEdit file. ``image_root`` defaults to the file's folder and
-    ``rephrase_image_root`` to ``image_root``."""
+    """Load and validate an MMEdit file (JSON list or JSON Lines).
+
+    ``image`` and ``m_loc`` resolve against ``image_root`` (default: the file's folder),
+    ``image_rephrase`` against ``rephrase_image_root`` (default: ``image_root``). The first invalid
+    record raises :class:`DataError`, unless ``skip_invalid``: then invalid records are logged and
+    returned in ``skipped``. File-level problems always raise. ``check_images=False`` skips
+    opening the images (paths are still resolved and confined to their root).
+    """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     reroot = Path(rephrase_image_root) if rephrase_image_root is not None else root
+    root, reroot = root.resolve(), reroot.resolve()
     check = _ImageCheck() if check_images else None
     records: list[EditRecord] = []
     skipped: list[DataError] = []
@@ -193,8 +232,11 @@ def load_records(path: str | Path, image_root: str | Path | None = None,
         except DataError as e:
             if not skip_invalid:
                 raise
-            log.warning("skipping %s", e)
+            log.warning("skipping invalid record: %s", e)
             skipped.append(e)
     if skipped:
-        log.warning("%s: skipped %d invalid record(s) of %d", path, len(skipped), len(skipped) + len(records))
+        log.warning("%s: skipped %d invalid record(s) of %d", path, len(skipped),
+                    len(skipped) + len(records))
+    if not records:
+        log.warning("%s: no valid records", path)
     return LoadResult(path, records, skipped)

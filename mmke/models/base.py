@@ -16,6 +16,7 @@ Edit-site names (``i`` is a layer index, negative counts from the end):
 
 from __future__ import annotations
 
+import hashlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -65,24 +66,48 @@ class TargetView:
     mask: torch.Tensor  # [B, L] bool
 
 
-def target_view(logits: torch.Tensor, labels: torch.Tensor) -> TargetView:
-    """Gather the positions that predict target tokens, left-aligned, padded to the longest target."""
-    shift_logits = logits[:, :-1]
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    lengths = mask.sum(1)
-    L = int(lengths.max().item()) if lengths.numel() else 0
-    B, _, V = shift_logits.shape
-    out_logits = shift_logits.new_zeros(B, max(L, 1), V)
-    out_ids = torch.zeros(B, max(L, 1), dtype=torch.long, device=labels.device)
-    out_mask = torch.zeros(B, max(L, 1), dtype=torch.bool, device=labels.device)
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For teacher-forced ``labels`` [B, T]: the positions [B, L] whose outputs predict target
+    tokens (left-aligned, padded with 0), the target ids [B, L] and the mask [B, L]."""
+    mask = labels[:, 1:] != -100
+    L = max(int(mask.sum(1).max()), 1) if mask.numel() else 1
+    B = labels.shape[0]
+    pos = torch.zeros(B, L, dtype=torch.long, device=labels.device)
+    ids = torch.zeros(B, L, dtype=torch.long, device=labels.device)
+    out_mask = torch.zeros(B, L, dtype=torch.bool, device=labels.device)
     for b in range(B):
-        pos = mask[b].nonzero(as_tuple=True)[0]
-        n = pos.numel()
-        out_logits[b, :n] = shift_logits[b, pos]
-        out_ids[b, :n] = shift_labels[b, pos]
-        out_mask[b, :n] = True
-    return TargetView(out_logits, out_ids, out_mask)
+        p = mask[b].nonzero(as_tuple=True)[0]
+        pos[b, : p.numel()] = p
+        ids[b, : p.numel()] = labels[b, p + 1]
+        out_mask[b, : p.numel()] = True
+    return pos, ids, out_mask
+
+
+def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def target_view(logits: torch.Tensor, labels: torch.Tensor) -> TargetView:
+    """Gather the logits that predict target tokens, left-aligned, padded to the longest target."""
+    pos, ids, mask = target_positions(labels.to(logits.device))
+    return TargetView(_gather(logits, pos), ids, mask)
+
+
+def head_at_targets(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> TargetView:
+    """Like :func:`target_view` from last hidden states, running the (large) LM head only at the
+    positions that predict target tokens."""
+    pos, ids, mask = target_positions(labels.to(hidden.device))
+    dev = head.weight.device
+    return TargetView(head(_gather(hidden, pos).to(dev)), ids.to(dev), mask.to(dev))
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 over every tensor of a model's state dict: equal digests = bit-identical models."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def target_nll(view: TargetView) -> torch.Tensor:

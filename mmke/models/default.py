@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmke.models.base import Batch, Example, ModelAdapter, TargetView
+from mmke.models.base import Batch, Example, ModelAdapter, TargetView, head_at_targets
 from mmke.paths import ASSETS, cache_dir
 
 log = logging.getLogger(__name__)
@@ -295,22 +295,7 @@ class DefaultAdapter(ModelAdapter):
 
     def _target_view(self, batch: Batch) -> TargetView:
         # Only the positions that predict target tokens go through the 49k-way LM head.
-        h = self.model.hidden(**batch.inputs)
-        labels = batch.labels.to(h.device)
-        mask = labels[:, 1:] != -100
-        lengths = mask.sum(1)
-        L = max(int(lengths.max()), 1)
-        B = labels.shape[0]
-        pos = torch.zeros(B, L, dtype=torch.long, device=h.device)
-        out_mask = torch.zeros(B, L, dtype=torch.bool, device=h.device)
-        ids = torch.zeros(B, L, dtype=torch.long, device=h.device)
-        for b in range(B):
-            p = mask[b].nonzero(as_tuple=True)[0]
-            pos[b, : p.numel()] = p
-            out_mask[b, : p.numel()] = True
-            ids[b, : p.numel()] = labels[b, p + 1]
-        hs = h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return TargetView(self.model.lm.lm_head(hs), ids, out_mask)
+        return head_at_targets(self.model.hidden(**batch.inputs), batch.labels, self.model.lm.lm_head)
 
     def lm_layers(self) -> nn.ModuleList:
         return self.model.lm.model.layers

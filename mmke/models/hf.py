@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from mmke.models.base import Batch, Example, ModelAdapter, TargetView
+from mmke.models.base import Batch, Example, ModelAdapter, TargetView, head_at_targets
 
 
 # --------------------------------------------------------------------------------------
@@ -385,23 +385,7 @@ class HFAdapter(ModelAdapter):
 
     def _target_view(self, batch: Batch) -> TargetView:
         # Only the positions that predict target tokens go through the LM head.
-        h = self._hidden(batch)
-        labels = batch.labels.to(h.device)
-        mask = labels[:, 1:] != -100
-        L = max(int(mask.sum(1).max()), 1)
-        B = labels.shape[0]
-        pos = torch.zeros(B, L, dtype=torch.long, device=h.device)
-        out_mask = torch.zeros(B, L, dtype=torch.bool, device=h.device)
-        ids = torch.zeros(B, L, dtype=torch.long, device=h.device)
-        for b in range(B):
-            p = mask[b].nonzero(as_tuple=True)[0]
-            pos[b, : p.numel()] = p
-            out_mask[b, : p.numel()] = True
-            ids[b, : p.numel()] = labels[b, p + 1]
-        hs = h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        head = self.model.get_output_embeddings()
-        return TargetView(head(hs.to(head.weight.device)), ids.to(head.weight.device),
-                          out_mask.to(head.weight.device))
+        return head_at_targets(self._hidden(batch), batch.labels, self.model.get_output_embeddings())
 
     # ---- layout -------------------------------------------------------------------------
     def lm_layers(self) -> nn.ModuleList:
