@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 class TPatcherConfig(EditorConfig):
     layer: int = -1
-    n_neurons: int = 4
-    steps: int = 40
-    lr: float = 1e-2
+    n_neurons: int = 16
+    steps: int = 60
+    lr: float = 3e-2
     act_weight: float = 1.0
-    mem_weight: float = 1.0
+    mem_weight: float = 0.3
     margin: float = 1.0
     memory_size: int = 64  # train inputs the patch must stay silent on
     stop_loss: float = 0.05
