@@ -87,7 +87,7 @@ class TPatcherEditor(Editor):
                     a_edit = patch.act(q_edit @ patch.key + patch.bias)  # [T, n]
                     loss_act = torch.relu(cfg.margin - a_edit.amax(0)).mean()
                     loss_mem = patch.act(mem @ patch.key + patch.bias).mean() if mem is not None else 0.0
-                    if nll.item() < cfg.stop_loss and float(loss_act) == 0.0:
+                    if nll.item() < cfg.stop_loss and float(loss_act.detach()) == 0.0:
                         break
                     loss = nll + cfg.act_weight * loss_act + cfg.mem_weight * loss_mem
                     opt.zero_grad()

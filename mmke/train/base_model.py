@@ -115,7 +115,6 @@ def train_base(cfg: BaseTrainConfig) -> dict:
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -161,7 +160,6 @@ def train_base(cfg: BaseTrainConfig) -> dict:
         opt.load_state_dict(extra["opt"])
         sched.load_state_dict(extra["sched"])
         start = int(extra["step"])
-        rng.setstate(tuple(extra["rng"][0:1]) + (tuple(extra["rng"][1]),) + tuple(extra["rng"][2:]))
         log.info("resuming end-to-end training at step %d", start)
     qs, caps = _samples("train", random.Random(cfg.seed))
     n_cap = int(round(cfg.batch_size * cfg.caption_fraction))
@@ -185,8 +183,7 @@ def train_base(cfg: BaseTrainConfig) -> dict:
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
                 save_file(_lora_state(loras), str(state_f) + ".tmp")
                 Path(str(state_f) + ".tmp").replace(state_f)
-                torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
-                            "rng": list(rng.getstate())}, ckpt_dir / "optim.pt.tmp")
+                torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1}, ckpt_dir / "optim.pt.tmp")
                 (ckpt_dir / "optim.pt.tmp").replace(ckpt_dir / "optim.pt")
                 with open(ckpt_dir / "train_log.jsonl", "a") as f:
                     f.write(json.dumps({"step": step + 1, "loss_mean_recent": sum(losses[-25:]) / len(losses[-25:]),
