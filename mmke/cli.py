@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,6 +31,22 @@ def _setup_logging(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+@contextmanager
+def _user_errors():
+    """Problems with the user's inputs (data, names, options) end the command with a one-line
+    message and exit code 2 instead of a traceback."""
+    from pydantic import ValidationError
+
+    from mmke.data.schema import DataError
+
+    try:
+        yield
+    except (DataError, KeyError, ValueError, FileNotFoundError, ValidationError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        typer.secho(f"error: {msg}", fg="red", err=True)
+        raise typer.Exit(2) from e
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -90,13 +107,16 @@ def run_cmd(
     _setup_logging(verbose)
     from mmke.eval.runner import RunConfig, run
 
-    cfg = RunConfig(model=model, task=task, method=method,
-                    data=str(data) if data else None, train_data=str(train_data) if train_data else None,
-                    image_root=str(image_root) if image_root else (str(data.parent) if data else None),
-                    rephrase_image_root=str(rephrase_image_root) if rephrase_image_root else None,
-                    limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
-                    method_config=_parse_sets(set_))
-    summary = run(cfg, out)
+    with _user_errors():
+        cfg = RunConfig(model=model, task=task, method=method,
+                        data=str(data) if data else None,
+                        train_data=str(train_data) if train_data else None,
+                        image_root=str(image_root) if image_root else (str(data.parent) if data else None),
+                        rephrase_image_root=str(rephrase_image_root) if rephrase_image_root else None,
+                        limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
+                        method_config=_parse_sets(set_))
+    with _user_errors():
+        summary = run(cfg, out)
     from mmke.eval.report import summary_line
 
     console.print(summary_line(summary))

@@ -91,9 +91,10 @@ def test_cli_names_the_broken_record(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"src": "q", "alt": ""}]))
     r = CliRunner().invoke(app, ["run", "--method", "ft-lm", "--data", str(bad), "--out", str(tmp_path / "o")])
-    assert r.exit_code != 0
-    msg = str(r.exception)
-    assert "bad.json" in msg and "record 0" in msg
+    assert r.exit_code == 2
+    assert "bad.json" in r.output and "record 0" in r.output and "field '" in r.output
+    r = CliRunner().invoke(app, ["run", "--method", "nope", "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "unknown method" in r.output
 
 
 def test_cli_list():

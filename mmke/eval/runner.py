@@ -23,7 +23,7 @@ from mmke.eval.metrics import (EDIT_METRICS, LOCALITY_METRICS, METRICS, agreemen
 from mmke.eval.protocol import INPUT_KINDS, case_inputs
 from mmke.eval.store import CaseStore
 from mmke.progress import progress
-from mmke.registry import editor_class, load_model
+from mmke.registry import HF_PREFIX, MODELS, editor_class, load_model
 from mmke.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,11 @@ class Run:
     """A resumable one-step run writing ``cases.jsonl`` and ``summary.json`` under ``out``."""
 
     def __init__(self, cfg: RunConfig, out: str | Path, adapter=None) -> None:
+        # validate names and method options first, and record the method's full option set
+        method_cfg = editor_class(cfg.method).Config(**cfg.method_config)
+        if not cfg.model.startswith(HF_PREFIX) and cfg.model not in MODELS:
+            raise KeyError(f"unknown model {cfg.model!r}; known: {', '.join(MODELS)} or hf:<path-or-hub-id>")
+        cfg = cfg.model_copy(update={"method_config": method_cfg.model_dump()})
         self.cfg = resolve_data(cfg)
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
