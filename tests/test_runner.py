@@ -119,3 +119,10 @@ def test_skip_invalid_is_counted_and_train_split_found_beside_data(default_adapt
     assert r.cfg.train_data == str(tmp_path / "vqa_train.json")
     s = r.execute()
     assert s["n_skipped"] == 1 and s["n_cases"] == 3
+
+
+def test_reference_m_locality_variant(default_adapter, tmp_path):
+    s = Run(RunConfig(method="ft-lm", limit=2, m_locality="reference-top10"), tmp_path,
+            adapter=default_adapter).execute()
+    check_summary(s, n=2)
+    assert "top-10" in s["protocol"] and s["config"]["m_locality"] == "reference-top10"

@@ -208,10 +208,10 @@ class Run:
                            "pre_edit": {k: pre[key][k]["acc"] for k in EDIT_METRICS},
                            "edit_s": te - ts, "eval_s": tv - te, "edit_meta": handle.meta})
                 bar.update(ptask, advance=1)
-        return self.summarise(store, len(skipped), time.time() - t0)
+        return self.summarise(store, {k for k, _ in keyed}, len(skipped), time.time() - t0)
 
-    def summarise(self, store: CaseStore, n_skipped: int, elapsed: float) -> dict[str, Any]:
-        rows = store.rows()
+    def summarise(self, store: CaseStore, keys: set[str], n_skipped: int, elapsed: float) -> dict[str, Any]:
+        rows = [r for r in store.rows() if r["key"] in keys]  # only this run's cases
         mean = lambda key, kind: statistics.fmean(r[key][kind] for r in rows)  # noqa: E731
         summary = {
             "model": self.cfg.model, "task": self.cfg.task, "method": self.cfg.method,
