@@ -475,3 +475,16 @@ def test_predictions_are_checked(tmp_path, monkeypatch):
 def test_sizes_are_checked(tmp_path, kw):
     with pytest.raises(ValueError, match="positive integer"):
         build_benchmark(tmp_path / "b", predictions=fake_predictions(), **kw)
+
+
+def test_partly_right_answers_are_not_edit_cases(tmp_path):
+    """With token accuracies in the predictions, a wrong answer with some right tokens is left out,
+    so pre-edit reliability of E-VQA-lite is 0 by construction."""
+    preds = fake_predictions()
+    n = len(preds["test_questions"])
+    preds["test_questions_token_acc"] = [0.5 if k % 14 == 0 else 0.0 for k in range(n)]
+    build_benchmark(tmp_path / "b", predictions=preds, n_train_vqa=5, n_train_caption=5)
+    qs = ev.questions("test")
+    half_right = {(qs[k][0], qs[k][2]) for k in range(0, n, 14)}
+    recs = load_records(tmp_path / "b" / "vqa_eval.json", tmp_path / "b").records
+    assert recs and not any((r.src, image_id(r.image)) in half_right for r in recs)

@@ -333,8 +333,11 @@ def build_benchmark(out_dir: str | Path, *, seed: int = 0, predictions: dict[str
     rng = lambda stream: random.Random(f"{seed}:{stream}")  # noqa: E731  one stream per file
 
     # eval: test cases the model gets wrong (or right, for counterfactuals)
+    # "wrong" = not one answer token right, where the predictions say (pre-edit Rel 0 by construction)
+    tok_acc = raw.get("test_questions_token_acc")
     vqa_cands = [_Question(k, q, a, i) for k, (q, a, i) in enumerate(ev.questions("test"))
-                 if q_preds[k][0] == want_ok and i in test.labels]
+                 if q_preds[k][0] == want_ok and i in test.labels
+                 and (counterfactual or tok_acc is None or tok_acc[k] == 0)]
     cap_cands = [i for i in sorted(test.labels) if i in c_preds and c_preds[i][0] == want_ok]
     vqa_eval = _vqa_records(test, _pick(vqa_cands, n_eval, rng("vqa_eval/pick")),
                             [p for _, p in q_preds], counterfactual, rng("vqa_eval"), facts)

@@ -222,18 +222,22 @@ def train_base(cfg: BaseTrainConfig) -> dict:
 
 
 @torch.no_grad()
-def predict(adapter: DefaultAdapter, items: list[Example], batch: int, label: str) -> list[tuple[bool, str]]:
-    """Teacher-forced exact match of each target and the model's greedy first-token answer."""
-    out: list[tuple[bool, str]] = []
+def predict(adapter: DefaultAdapter, items: list[Example], batch: int,
+            label: str) -> list[tuple[bool, str, float]]:
+    """Per item, under teacher forcing: exact match of the target, the model's top-1 tokens at the
+    target positions (decoded), and the fraction of target tokens it gets right."""
+    out: list[tuple[bool, str, float]] = []
     with progress() as bar:
         task = bar.add_task(label, total=len(items))
         for k in range(0, len(items), batch):
             v = adapter.run(items[k:k + batch])
             pred = v.logits.argmax(-1)
-            ok = ((pred == v.target_ids) | ~v.mask).all(1)
+            right = pred == v.target_ids
+            ok = (right | ~v.mask).all(1)
             for b in range(pred.shape[0]):
                 n = int(v.mask[b].sum())
-                out.append((bool(ok[b]), adapter.tokenizer.decode(pred[b, :n]).strip()))
+                out.append((bool(ok[b]), adapter.tokenizer.decode(pred[b, :n]).strip(),
+                            float(right[b, :n].float().mean())))
             bar.update(task, advance=pred.shape[0])
     return out
 
@@ -247,7 +251,7 @@ def caption_predictions(adapter: DefaultAdapter, batch: int = 64) -> dict[str, d
     for prompt in ev.CAPTION_PROMPTS:
         items = [Example(prompt, " " + ev.caption(*labels[i]), images[i]) for i in ids]
         res = predict(adapter, items, batch, f"test captions ({prompt!r})")
-        out[prompt] = {str(i): [int(ok), p] for i, (ok, p) in zip(ids, res)}
+        out[prompt] = {str(i): [int(ok), p] for i, (ok, p, _) in zip(ids, res)}
     return out
 
 
@@ -261,12 +265,13 @@ def evaluate_base(adapter: DefaultAdapter, batch: int = 64) -> dict:
     first = caps[ev.CAPTION_PROMPTS[0]]
     n_all = sum(len(v) for v in caps.values())
     return {
-        "test_question_accuracy": sum(ok for ok, _ in qp) / len(qp),
+        "test_question_accuracy": sum(ok for ok, _, _ in qp) / len(qp),
         "n_test_questions": len(qp),
         "test_caption_accuracy": sum(v[0] for v in first.values()) / len(first),
         "n_test_captions": len(first),
         "test_caption_accuracy_all_prompts": sum(v[0] for c in caps.values() for v in c.values()) / n_all,
         "n_test_caption_pairs": n_all,
-        "predictions": {"test_questions": [[int(ok), p] for ok, p in qp],
+        "predictions": {"test_questions": [[int(ok), p] for ok, p, _ in qp],
+                        "test_questions_token_acc": [acc for _, _, acc in qp],
                         "test_captions": first, "test_captions_by_prompt": caps},
     }

@@ -21,8 +21,8 @@ Input layout: `"Image:" <2 visual tokens> "\\n" prompt target`.
 
 **Files.** `model.safetensors` (vision tower, projector, LoRA factors), `config.json` (LoRA
 settings), `metrics.json` (everything below), `predictions.json` (the model's teacher-forced
-correctness and answer on every test question and test caption; the benchmark builder picks the
-wrong ones as edit cases), `train_log.jsonl` (loss every {cfg['ckpt_every']} steps).
+correctness, answer and token accuracy on every test question, and correctness and caption on
+every test image; the benchmark builder picks the wrong ones as edit cases), `train_log.jsonl` (loss every {cfg['ckpt_every']} steps).
 
 **Reproduce.**
 ```bash
