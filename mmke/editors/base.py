@@ -23,8 +23,7 @@ from mmke.models.base import Example, ModelAdapter
 @dataclass
 class EditRequest:
     """What to teach: the edit input (image + templated prompt) and the new target (with its
-    leading space). ``rephrases`` are optional extra inputs some editors train on; ``record``
-    is the raw MMEdit record when one exists (IKE and SERAC read its fields)."""
+    leading space); ``record`` is the raw MMEdit record when one exists (IKE reads its fields)."""
 
     example: Example
     record: dict[str, Any] = field(default_factory=dict)

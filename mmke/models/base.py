@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -50,11 +50,10 @@ class Batch:
 
     inputs: dict[str, Any]
     labels: torch.Tensor  # [B, T]
-    n: int
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
-        return Batch(moved, self.labels.to(device), self.n)
+        return Batch(moved, self.labels.to(device))
 
 
 @dataclass
@@ -134,8 +133,6 @@ class ModelAdapter(ABC):
         # Input transforms installed by in-context editors (IKE, SERAC): each maps an Example to
         # the Example the model sees. Removing an edit pops its transform; weights are untouched.
         self.input_transforms: list[InputTransform] = []
-        # Forward hooks installed by editors that route inputs (SERAC) see the raw examples here.
-        self.current_examples: Sequence[Example] | None = None
 
     # ---- inputs and forward -------------------------------------------------------------
     @abstractmethod
@@ -186,17 +183,10 @@ class ModelAdapter(ABC):
         separate sub-batches (some families need pixels for every row) and merged in order."""
         groups = self.sub_batches(examples)
         views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        prev = self.current_examples
-        try:
-            for idx in groups:
-                sub = [examples[i] for i in idx]
-                self.current_examples = sub
-                batch = self.prepare(sub)
-                v = self.target_view(batch)
-                for j, i in enumerate(idx):
-                    views[i] = (v.logits[j], v.target_ids[j], v.mask[j])
-        finally:
-            self.current_examples = prev
+        for idx in groups:
+            v = self.target_view(self.prepare([examples[i] for i in idx]))
+            for j, i in enumerate(idx):
+                views[i] = (v.logits[j], v.target_ids[j], v.mask[j])
         L = max(x[0].shape[0] for x in views.values())
         V = next(iter(views.values()))[0].shape[-1]
         B = len(examples)

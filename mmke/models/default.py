@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mmke.models.base import Batch, Example, ModelAdapter, TargetView, head_at_targets
@@ -62,7 +62,8 @@ def smollm2_dir() -> Path:
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else None
+    if not out.exists():  # another process may have finished the same conversion meanwhile
+        tmp.rename(out)
     return out
 
 
@@ -287,7 +288,7 @@ class DefaultAdapter(ModelAdapter):
         inputs = {"input_ids": input_ids, "attention_mask": attn, "vis_mask": vm,
                   "pixel_values": image_to_tensor(images) if images else None,
                   "prefix_len": len(ctx_cache[shared]) if shared else 0}
-        return Batch(inputs, lab, B)
+        return Batch(inputs, lab)
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         h = self.model.hidden(**batch.inputs)

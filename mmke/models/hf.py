@@ -352,7 +352,7 @@ class HFAdapter(ModelAdapter):
             else:
                 inputs["pixel_values"] = self.image_processor(
                     [im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        return Batch(inputs, labels, B)
+        return Batch(inputs, labels)
 
     def _process(self, examples: Sequence[Example], image_rows: list[int]):
         """Run the model's processor on the image rows (marker -> the family's image tokens).
