@@ -138,22 +138,50 @@ def report_cmd(
 
 @app.command("train")
 def train_cmd(
-    what: str = typer.Argument(..., help="what to train: base (the default model's vision tower, "
-                                         "projector and LoRA)"),
+    what: Optional[str] = typer.Argument(None, help="`base`: the default model's vision tower, projector "
+                                                    "and LoRA; omit it and give --method to train an editor"),
+    method: Optional[str] = typer.Option(None, help="trainable editor: mend, mend-vision, ke, serac, unike"),
+    task: str = typer.Option("vqa", help="vqa or caption (editors are trained per task)"),
+    model: str = typer.Option("default", help="model name or hf:<path-or-id>"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: the bundled weights)"),
-    steps: int = typer.Option(500, help="end-to-end steps"),
+    steps: Optional[int] = typer.Option(None, help="optimiser steps (base: 500; editors: 300)"),
+    batch_size: Optional[int] = typer.Option(None, help="edit cases per step (editors)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (editors)"),
+    val_size: Optional[int] = typer.Option(None, help="held-out train cases for validation (editors)"),
+    val_every: Optional[int] = typer.Option(None, help="validate every N steps (editors)"),
+    counterfactual: Optional[float] = typer.Option(None, help="fraction of training cases with a wrong "
+                                                              "answer as the target (editors)"),
+    train_data: Optional[Path] = typer.Option(None, help="MMEdit train file (default: the bundled split)"),
+    image_root: Optional[Path] = typer.Option(None, help="image root of --train-data (default: its folder)"),
     seed: int = typer.Option(0),
+    set_: List[str] = typer.Option([], "--set", help="editor option key=value (repeatable)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Train a trainable component (resumable from its checkpoints)."""
+    """Train a trainable component (resumable: a re-run continues from its checkpoints)."""
     _setup_logging(verbose)
-    if what != "base":
-        raise typer.BadParameter(f"cannot train {what!r} yet; available: base")
-    from mmke.train.base_model import BaseTrainConfig, train_base
+    if what is not None and method is not None:
+        raise typer.BadParameter("give either `base` or --method, not both")
+    if what is None and method is None:
+        raise typer.BadParameter("what to train? `mmke train base` or `mmke train --method mend|ke|serac|...`")
+    if what is not None:
+        if what != "base":
+            raise typer.BadParameter(f"cannot train {what!r}; use `base`, or --method for an editor")
+        from mmke.train.base_model import BaseTrainConfig, train_base
 
-    cfg = BaseTrainConfig(steps=steps, seed=seed, **({"out": str(out)} if out else {}))
-    result = train_base(cfg)
-    console.print_json(json.dumps(result))
+        cfg = BaseTrainConfig(steps=steps or 500, seed=seed, **({"out": str(out)} if out else {}))
+        result = train_base(cfg)
+        console.print_json(json.dumps(result))
+        return
+    from mmke.train.editors import EditorTrainConfig, train_method
+
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "val_size": val_size,
+             "val_every": val_every, "counterfactual": counterfactual, "seed": seed}
+    with _user_errors():
+        cfg = EditorTrainConfig(**{k: v for k, v in given.items() if v is not None})
+        meta = train_method(method, task, model, out, cfg, _parse_sets(set_),
+                            str(train_data) if train_data else None, str(image_root) if image_root else None)
+    console.print_json(json.dumps({k: meta[k] for k in ("method", "task", "model", "validation",
+                                                         "train_wall_s_total")}))
 
 
 @app.command("list")

@@ -26,6 +26,14 @@ METHODS: dict[str, Entry] = {e.name: e for e in [
     Entry("ike", "mmke.editors.ike:IKEEditor", "in-context editing with k retrieved demonstrations"),
     Entry("t-patcher", "mmke.editors.tpatcher:TPatcherEditor",
           "a few new neurons in the last LM FFN layer per edit (activation + memory losses)"),
+    Entry("mend", "mmke.editors.mend:MENDEditor",
+          "trained low-rank gradient transform on the last three LM FFN layers"),
+    Entry("mend-vision", "mmke.editors.mend:MENDVisionEditor",
+          "MEND placed on the vision side (connector and last vision layers)"),
+    Entry("ke", "mmke.editors.ke:KEEditor",
+          "Knowledge Editor: trained hyper-network, conditioned on the edit, maps the gradient to an update"),
+    Entry("serac", "mmke.editors.serac:SERACEditor",
+          "trained scope classifier + counterfactual model that answers in-scope inputs with the edit in view"),
 ]}
 
 MODELS: dict[str, Entry] = {e.name: e for e in [

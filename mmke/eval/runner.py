@@ -119,7 +119,7 @@ class Run:
     def editor(self, adapter):
         cls = editor_class(self.cfg.method)
         config = cls.Config(**self.cfg.method_config)
-        context: dict[str, Any] = {"task": TASKS[self.cfg.task]}
+        context: dict[str, Any] = {"task": TASKS[self.cfg.task], "model_name": self.cfg.model}
         if self.cfg.train_data:
             from mmke.data.schema import load_records
 

@@ -1,0 +1,148 @@
+"""Editors with learned weights (MEND, KE, SERAC, UniKE's encoders).
+
+The contract with ``mmke train``: an editor class builds its learnable module from the adapter and
+its config (:meth:`TrainedEditor.build_module`), says what one training case costs
+(:meth:`TrainedEditor.train_loss`), and at run time loads the module's weights from a directory
+written by training: ``weights.safetensors`` (never pickle) + ``weights.json`` (method, task,
+model, architecture options, how it was trained). The bundled default model ships trained weights
+under ``mmke/assets/editors/<method>-<task>/``; for any other model the user trains them and passes
+``--set weights=DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmke.editors.base import Editor, EditorConfig
+from mmke.paths import ASSETS
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "weights.json"
+
+
+class TrainedEditorConfig(EditorConfig):
+    #: directory written by ``mmke train``; default: the bundled weights (default model only)
+    weights: str | None = None
+
+
+def bundled_weights_dir(method: str, task: str) -> Path:
+    return ASSETS / "editors" / f"{method}-{task}"
+
+
+def train_command(method: str, task: str, model: str) -> str:
+    return f"mmke train --method {method} --task {task} --model {model} --out DIR"
+
+
+def save_weights(out: str | Path, module: nn.Module, meta: dict[str, Any]) -> None:
+    """Write ``weights.safetensors`` + ``weights.json`` into ``out`` (atomically per file)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / WEIGHTS_FILE)
+    (out / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def read_weights(d: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a weights directory, with errors that say what is wrong."""
+    d = Path(d)
+    f, m = d / WEIGHTS_FILE, d / META_FILE
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: trained editor weights not found")
+    try:
+        meta = json.loads(m.read_text()) if m.exists() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{m}: corrupt JSON ({e})") from e
+    try:
+        state = load_file(str(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{f}: unreadable, truncated or corrupt safetensors file ({e}); "
+                         "retrain or restore it") from e
+    return state, meta
+
+
+def load_module_weights(d: str | Path, module: nn.Module) -> dict[str, Any]:
+    """Load ``d``'s weights into ``module`` strictly (every key, every shape); return the meta."""
+    state, meta = read_weights(d)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"{Path(d) / WEIGHTS_FILE}: does not match this editor's architecture "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}); were they trained with "
+                         "other options or for another model?")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{Path(d) / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, this editor "
+                             f"expects {tuple(own[k].shape)} (trained for another model or options?)")
+    module.load_state_dict(state)
+    return meta
+
+
+class TrainedEditor(Editor):
+    """Base of editors whose learned module comes from ``mmke train``.
+
+    ``untrained=True`` builds the module without loading weights (what training starts from).
+    """
+
+    Config = TrainedEditorConfig
+
+    def __init__(self, adapter, config=None, *, task=None, train_records=None, untrained: bool = False,
+                 model_name: str | None = None, **context: Any) -> None:
+        super().__init__(adapter, config, **context)
+        self.task = task
+        self.train_records = train_records or []
+        self.model_name = model_name or adapter.name
+        self.module = self.build_module().to(adapter.device)
+        self.weights_meta: dict[str, Any] = {}
+        if not untrained:
+            self.weights_meta = load_module_weights(self.weights_dir(), self.module)
+            trained_for = self.weights_meta.get("model")
+            if trained_for and trained_for != self.model_name:
+                log.warning("%s: weights in %s were trained for model %r, not %r", self.name,
+                            self.weights_dir(), trained_for, self.model_name)
+        self.module.eval()
+        self.module.requires_grad_(False)
+
+    # ---- what a trainable method implements -------------------------------------------
+    @abstractmethod
+    def build_module(self) -> nn.Module:
+        """The learnable module, freshly initialised, for this adapter and config."""
+
+    @abstractmethod
+    def train_loss(self, case) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one training case (:class:`mmke.train.editors.TrainCase`), differentiable in
+        ``self.module``, and named parts of it for the log."""
+
+    def architecture(self) -> dict[str, Any]:
+        """Options that shape the module (saved with the weights)."""
+        return {k: v for k, v in self.config.model_dump().items() if k != "weights"}
+
+    # ---- where the weights are ----------------------------------------------------------
+    def weights_dir(self) -> Path:
+        task = self.task.name if self.task is not None else "vqa"
+        if self.config.weights:
+            d = Path(self.config.weights)
+            if not (d / WEIGHTS_FILE).exists():
+                raise FileNotFoundError(f"{self.name}: no {WEIGHTS_FILE} in {d}; train with "
+                                        f"`{train_command(self.name, task, self.model_name)}`")
+            return d
+        d = bundled_weights_dir(self.name, task)
+        if self.model_name != "default" or not (d / WEIGHTS_FILE).exists():
+            raise FileNotFoundError(
+                f"{self.name} needs trained weights for model {self.model_name!r} on task {task!r}; "
+                f"none are bundled. Train them with `{train_command(self.name, task, self.model_name)}` "
+                f"and pass --set weights=DIR")
+        return d
