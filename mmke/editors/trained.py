@@ -126,6 +126,14 @@ class TrainedEditor(Editor):
         """Loss of one training case (:class:`mmke.train.editors.TrainCase`), differentiable in
         ``self.module``, and named parts of it for the log."""
 
+    def fit(self, records: list, out: str | Path, cfg, command: str = "") -> dict[str, Any]:
+        """Train ``self.module`` on train-split records and write the weights directory. Default:
+        the shared per-case loop (:func:`mmke.train.editors.train_editor`); methods whose training
+        is not per edit case (UniKE's contrastive encoders) override this."""
+        from mmke.train.editors import train_editor
+
+        return train_editor(self, records, out, cfg, command=command)
+
     def architecture(self) -> dict[str, Any]:
         """Options that shape the module (saved with the weights)."""
         return {k: v for k, v in self.config.model_dump().items() if k != "weights"}

@@ -20,6 +20,7 @@ import hashlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -119,6 +120,24 @@ def target_nll(view: TargetView) -> torch.Tensor:
 _SITE = re.compile(r"^lm\.(ffn_key|ffn_value|attn_out|ffn)\.(-?\d+)$")
 
 InputTransform = Callable[[Example], Example]
+RunWrapper = Callable[[Callable[[Sequence[Example]], "TargetView"], Sequence[Example]], "TargetView"]
+
+
+def merge_views(views: Sequence[TargetView], groups: Sequence[Sequence[int]], n: int) -> TargetView:
+    """Reassemble the views of sub-batches (``groups[g]`` = original indices of ``views[g]``'s
+    rows) into one view of ``n`` rows in the original order, padded to the longest target."""
+    L = max(v.logits.shape[1] for v in views)
+    first = views[0]
+    logits = first.logits.new_zeros(n, L, first.logits.shape[-1])
+    ids = first.target_ids.new_zeros(n, L)
+    mask = first.mask.new_zeros(n, L)
+    for v, idx in zip(views, groups):
+        for j, i in enumerate(idx):
+            lj = v.logits.shape[1]
+            logits[i, :lj] = v.logits[j]
+            ids[i, :lj] = v.target_ids[j]
+            mask[i, :lj] = v.mask[j]
+    return TargetView(logits, ids, mask)
 
 
 class ModelAdapter(ABC):
@@ -133,6 +152,9 @@ class ModelAdapter(ABC):
         # Input transforms installed by in-context editors (IKE, SERAC): each maps an Example to
         # the Example the model sees. Removing an edit pops its transform; weights are untouched.
         self.input_transforms: list[InputTransform] = []
+        # Run wrappers installed by routing editors (SERAC): ``wrapper(inner_run, examples)`` returns
+        # the TargetView of ``examples``, calling ``inner_run`` for whatever it does not answer itself.
+        self.run_wrappers: list[RunWrapper] = []
 
     # ---- inputs and forward -------------------------------------------------------------
     @abstractmethod
@@ -179,25 +201,19 @@ class ModelAdapter(ABC):
         return list(groups.values())
 
     def run(self, examples: Sequence[Example]) -> TargetView:
-        """Prepare + forward + align with targets. Image and text-only examples are run in
-        separate sub-batches (some families need pixels for every row) and merged in order."""
+        """Prepare + forward + align with targets, through any installed run wrappers (editors
+        that route some inputs elsewhere, such as SERAC, wrap the plain run)."""
+        fn: Callable[[Sequence[Example]], TargetView] = self.run_plain
+        for wrapper in self.run_wrappers:
+            fn = partial(wrapper, fn)
+        return fn(examples)
+
+    def run_plain(self, examples: Sequence[Example]) -> TargetView:
+        """:meth:`run` without wrappers. Image and text-only examples are run in separate
+        sub-batches where the family needs pixels for every row, and merged in order."""
         groups = self.sub_batches(examples)
-        views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for idx in groups:
-            v = self.target_view(self.prepare([examples[i] for i in idx]))
-            for j, i in enumerate(idx):
-                views[i] = (v.logits[j], v.target_ids[j], v.mask[j])
-        L = max(x[0].shape[0] for x in views.values())
-        V = next(iter(views.values()))[0].shape[-1]
-        B = len(examples)
-        logits = torch.zeros(B, L, V, device=self.device, dtype=views[0][0].dtype)
-        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)
-        mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)
-        for i, (lg, t, m) in views.items():
-            logits[i, : lg.shape[0]] = lg
-            ids[i, : t.shape[0]] = t
-            mask[i, : m.shape[0]] = m
-        return TargetView(logits, ids, mask)
+        return merge_views([self.target_view(self.prepare([examples[i] for i in idx])) for idx in groups],
+                           groups, len(examples))
 
     # ---- layout -------------------------------------------------------------------------
     @property

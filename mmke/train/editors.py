@@ -303,4 +303,4 @@ def train_method(method: str, task: str, model: str = "default", out: str | Path
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_dump().items() if v != defaults[k])
     command = " ".join(x for x in (f"mmke train --method {method} --task {task} --model {model}", opts, sets,
                                    f"--out {out}" if Path(out) != bundled_weights_dir(method, task) else "") if x)
-    return train_editor(editor, records, out, cfg, command=command)
+    return editor.fit(records, out, cfg, command=command)
