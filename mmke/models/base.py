@@ -117,6 +117,15 @@ def target_nll(view: TargetView) -> torch.Tensor:
     return -(tok * view.mask).sum() / view.mask.sum().clamp(min=1)
 
 
+def kl_at_targets(pre: TargetView, post: TargetView) -> torch.Tensor:
+    """Mean KL(pre || post) of the next-token distributions at the target positions: the locality
+    loss of hyper-network editor training (pre = the unedited model's view)."""
+    lp = torch.log_softmax(pre.logits.float(), -1)
+    lq = torch.log_softmax(post.logits.float(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return (kl * pre.mask).sum() / pre.mask.sum().clamp(min=1)
+
+
 _SITE = re.compile(r"^lm\.(ffn_key|ffn_value|attn_out|ffn)\.(-?\d+)$")
 
 InputTransform = Callable[[Example], Example]

@@ -34,7 +34,7 @@ from mmke.editors.base import EditRequest
 from mmke.editors.trained import TrainedEditor, save_weights
 from mmke.eval.metrics import agreement, token_accuracy
 from mmke.eval.protocol import INPUT_KINDS, case_inputs
-from mmke.models.base import Example, ModelAdapter, TargetView
+from mmke.models.base import Example, ModelAdapter
 from mmke.progress import progress
 from mmke.tasks import TaskSpec
 
@@ -48,7 +48,7 @@ class EditorTrainConfig(BaseModel):
 
     steps: int = 300  # optimiser steps
     batch_size: int = 4  # edit cases per step
-    lr: float = 1e-4
+    lr: float = 1e-3
     val_size: int = 24  # held-out train cases scored with the evaluation protocol
     val_every: int = 100
     ckpt_every: int = 25
@@ -89,15 +89,6 @@ def counterfactual_records(records: list, fraction: float, seed: int) -> list:
 
 def make_cases(records: list, task: TaskSpec, adapter: ModelAdapter) -> list[TrainCase]:
     return [TrainCase(r, case_inputs(r, task, adapter.load_image)) for r in records]
-
-
-def kl_at_targets(pre: TargetView, post: TargetView) -> torch.Tensor:
-    """Mean KL(pre || post) of the next-token distributions at the target positions (the
-    locality loss of MEND/KE/SERAC training)."""
-    lp = torch.log_softmax(pre.logits.float(), -1)
-    lq = torch.log_softmax(post.logits.float(), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    return (kl * pre.mask).sum() / pre.mask.sum().clamp(min=1)
 
 
 @torch.no_grad()
