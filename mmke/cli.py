@@ -133,7 +133,8 @@ def report_cmd(
     """Print the paper-style table: methods as rows, E-VQA and E-IC column groups."""
     from mmke.eval.report import collect, render
 
-    typer.echo(render(collect(dirs), fmt=fmt, exact_match=exact_match, reference=reference))
+    with _user_errors():
+        typer.echo(render(collect(dirs), fmt=fmt, exact_match=exact_match, reference=reference))
 
 
 @app.command("train")

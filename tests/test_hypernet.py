@@ -27,12 +27,7 @@ EDITORS = {
 TRAIN = EditorTrainConfig(steps=3, batch_size=2, val_size=2, val_every=3, ckpt_every=1, counterfactual=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from mmke.models.base import Example, target_nll
 from mmke.models.tiny import tiny_blip2, tiny_llava
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("build", [tiny_llava, tiny_blip2])

@@ -35,6 +35,7 @@ class MENDConfig(HyperNetConfig):
 
 class MENDVisionConfig(MENDConfig):
     sites: list[str] = ["connector", "vision"]
+    init_lr: float = 0.1  # visual features are few and small: a larger initial step
 
 
 class RunningNorm(nn.Module):

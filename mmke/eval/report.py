@@ -70,24 +70,25 @@ def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_matc
     """Markdown (default) or HTML table; numbers in percent; n = cases per cell."""
     tasks = [t for t in TASKS if any(s["task"] == t for s in summaries)] or list(TASKS)
     labels, table = _rows(summaries, exact_match)
-    header = ["Method"] + [f"{TASKS[t].title} {SHORT[m]}" for t in tasks for m in METRICS] + ["n"]
+    header = (["Method"] + [f"{TASKS[t].title} {SHORT[m]}" for t in tasks for m in METRICS]
+              + [f"{TASKS[t].title} Mean" for t in tasks] + ["n"])
     body = []
     for label in labels:
-        row = [label]
-        ns = []
+        row, means, ns = [label], [], []
         for t in tasks:
             cell = table[label].get(t)
             row += [f"{v:.1f}" for v in cell["values"]] if cell else ["–"] * len(METRICS)
+            means.append(f"{sum(cell['values']) / len(METRICS):.1f}" if cell else "–")
             ns.append(str(cell["n"]) if cell else "–")
-        body.append(row + ["/".join(ns)])
+        body.append(row + means + ["/".join(ns)])
     if reference:
         for backbone, methods in REFERENCE.items():
             for method, vals in methods.items():
                 row = [f"paper ({backbone}): {method}"]
                 for t in tasks:
                     row += [f"{v:.1f}" for v in vals[t]]
-                body.append(row + ["reference"])
-    note = ("exact match" if exact_match else "token accuracy") + ", percent; one-step editing"
+                body.append(row + [f"{sum(vals[t]) / len(METRICS):.1f}" for t in tasks] + ["reference"])
+    note = ("exact match" if exact_match else "token accuracy") + ", percent; one-step editing; Mean = mean of the five metrics"
     if fmt == "html":
         th = "".join(f"<th>{h}</th>" for h in header)
         trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
