@@ -4,11 +4,13 @@ ICML 2022), in the multimodal form of the MMEdit benchmark.
 Edits are kept in an explicit memory beside the model; the base model's weights never change.
 Every input the adapter runs is routed:
 
-- a **scope classifier** embeds the input and every stored edit input and scores each pair
-  (``sigmoid(scale * cos + bias)``); an input whose best score reaches ``threshold`` is in scope.
-  Its features are the all-MiniLM-L6-v2 embedding of the prompt text and the base model's own
-  hidden states at ``feature_layer`` (at the last prompt token and averaged over the prompt), which
-  have seen the image, so "the same question about another picture" can be told apart;
+- a **scope classifier** scores the input against every stored edit input and takes the best
+  edit; at or above ``threshold`` the input is in scope. Each input gets two embeddings: a
+  *question* embedding (all-MiniLM-L6-v2 of the prompt text + the base model's own states of the
+  whole input at ``feature_layer``: last prompt token and mean over the prompt, image included)
+  and an *image* embedding (the same states for the image alone). The pair logit is
+  ``s_q cos_q + s_i cos_i + b``, so an input is in scope only if it asks the same thing about the
+  same content: the same question about another picture is not;
 - in-scope inputs go to the **counterfactual model**: the base model with the edit's fact in its
   context (``Example.context``, before the image where the adapter supports it) and small LoRA
   factors on the last LM layers, active only while it runs, trained to follow the in-context fact
@@ -16,13 +18,15 @@ Every input the adapter runs is routed:
 - everything else goes to the base model unchanged.
 
 Routing is a run wrapper (:attr:`ModelAdapter.run_wrappers`), installed with the first stored edit
-and removed with the last, so ``remove()`` restores the outputs bit for bit. Training
-(:meth:`SERACEditor.train_loss`, driven by :mod:`mmke.train.editors`): binary cross-entropy of the
-classifier on in-scope pairs (the edit input vs its rephrase and the same question on the
-rephrased image) and out-of-scope pairs (the text-only and image locality inputs, the edit
-question on the unrelated image, the unrelated question on the edit image, and the inputs of
-recent other cases whose answers differ), plus the target NLL of the counterfactual model on the
-three in-scope inputs with the fact in context.
+and removed with the last, so ``remove()`` restores the outputs bit for bit.
+
+Training (:meth:`SERACEditor.train_loss`, driven by :mod:`mmke.train.editors`) follows MMEdit's
+SERAC objective: the counterfactual model's target NLL on the three in-scope inputs (edit input,
+rephrase, rephrased image) with the fact in context, plus a balanced binary cross-entropy of the
+classifier. Its positives are a case's rephrase and rephrased image; its negatives the case's
+text-only and image locality inputs, the edit question on the unrelated image, the unrelated
+question on the edit image, and every input of the other recently seen cases (a replay buffer of
+frozen features) unless the two cases share both an answer and a question text.
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ TEXT_DIM = 384  # all-MiniLM-L6-v2
 
 
 class SERACConfig(TrainedEditorConfig):
-    """SERAC options. All but ``threshold`` and ``fact_template`` shape the trained module."""
+    """SERAC options. ``feature_layer``, ``text_features``, ``scope_*`` and ``lora_*`` shape the
+    trained module and must match its weights; ``threshold`` and ``fact_template`` act at run time;
+    the loss weights, ``buffer_cases`` and ``seed`` only matter to training. Trained with
+    ``mmke train --method serac --task vqa --lr 1e-3`` (300 steps of 4 cases)."""
 
     #: scope probability at or above which an input is answered by the counterfactual model
-    threshold: float = 0.5
-    #: LM layer whose output states feed the classifier (negative counts from the end); None: the
-    #: middle layer. The forward pass for classification stops there.
+    threshold: float = 0.9
+    #: LM layer whose output states feed the classifier (negative counts from the end); None: a
+    #: quarter of the way up (layer 7 of SmolLM2's 30). The forward for classification stops there.
     feature_layer: int | None = None
     #: add all-MiniLM-L6-v2 embeddings of the prompt text to the classifier's features
     text_features: bool = True
@@ -70,35 +77,64 @@ class SERACConfig(TrainedEditorConfig):
     fact_template: str = "New Fact: {prompt}{target}\n"
     cls_weight: float = 1.0  # weight of the classifier loss in training
     cf_weight: float = 1.0  # weight of the counterfactual-model loss in training
-    buffer_cases: int = 32  # recent training cases whose inputs serve as extra negatives
+    #: recent training cases replayed in the classifier loss: every case's edit is scored against
+    #: every buffered input (the features are frozen, so old cases stay valid)
+    buffer_cases: int = 64
     seed: int = 0  # initialisation of the module (training only)
 
 
 # --------------------------------------------------------------------------------------
 # Learned parts
 # --------------------------------------------------------------------------------------
+Features = dict[str, torch.Tensor]
+"""The classifier's raw (frozen) features of N inputs: ``text`` [N, 384] (MiniLM; [N, 0] without
+text features), ``hidden`` [N, 2H] (base-model states of the whole input: last prompt token, mean
+over the prompt), ``image`` [N, 2H] (the same for the image alone; zeros without an image) and
+``has_image`` [N] (bool)."""
+
+
+def cat_features(parts: Sequence[Features]) -> Features:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 class ScopeClassifier(nn.Module):
-    """Embeds an input's features; the scope logit of (input, edit) is
-    ``exp(log_scale) * cos(embed(input), embed(edit)) + bias``."""
+    """Scores whether an input falls under an edit, from two embeddings per input:
+
+    - the *question* embedding (MiniLM text + the base model's states of the whole input), and
+    - the *image* embedding (the base model's states of the image alone).
+
+    ``logit(x, e) = s_q * cos_q + s_i * cos_i + bias``, where ``cos_i`` is +1 when neither has an
+    image and -1 when only one has: an input is in scope only if it asks the same thing *and*
+    shows the same content (the sum acts as an AND once the bias is learned)."""
 
     def __init__(self, text_dim: int, lm_hidden: int, width: int, dim: int) -> None:
         super().__init__()
         self.text_dim, self.lm_hidden = text_dim, lm_hidden
-        self.mlp = nn.Sequential(nn.Linear(text_dim + 2 * lm_hidden, width), nn.GELU(), nn.Linear(width, dim))
-        self.log_scale = nn.Parameter(torch.tensor(float(np.log(10.0))))
-        self.bias = nn.Parameter(torch.tensor(-5.0))
+        self.question = nn.Sequential(nn.Linear(text_dim + 2 * lm_hidden, width), nn.GELU(), nn.Linear(width, dim))
+        self.image = nn.Sequential(nn.Linear(2 * lm_hidden, width), nn.GELU(), nn.Linear(width, dim))
+        self.log_scale = nn.Parameter(torch.full((2,), float(np.log(10.0))))  # s_q, s_i
+        self.bias = nn.Parameter(torch.tensor(-10.0))
 
-    def embed(self, text: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """text [N, text_dim], hidden [N, 2H] (last-token and mean states) -> unit vectors [N, dim]."""
+    def _states(self, x: torch.Tensor) -> torch.Tensor:
+        # LLM states have a few huge coordinates: normalise each state (last token, mean) alone
         H = self.lm_hidden
-        # LLM states have a few huge coordinates: normalise each state before the MLP
-        h = torch.cat([F.layer_norm(hidden[:, :H], (H,)), F.layer_norm(hidden[:, H:], (H,))], 1)
-        x = torch.cat([text, h], 1) if self.text_dim else h
-        return F.normalize(self.mlp(x.to(self.mlp[0].weight.dtype)), dim=-1)
+        return torch.cat([F.layer_norm(x[:, :H].float(), (H,)), F.layer_norm(x[:, H:].float(), (H,))], 1)
 
-    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Scope logits [N, M] of embedded inputs ``q`` [N, d] against embedded edits ``k`` [M, d]."""
-        return self.log_scale.exp() * (q @ k.t()) + self.bias
+    def embed(self, f: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit question and image embeddings [N, dim] and the has-image flags [N]."""
+        q_in = torch.cat([f["text"].float(), self._states(f["hidden"])], 1)
+        q = F.normalize(self.question(q_in), dim=-1)
+        i = F.normalize(self.image(self._states(f["image"])), dim=-1)
+        return q, i, f["has_image"].bool()
+
+    def logits(self, x: tuple[torch.Tensor, ...], e: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Scope logits [N, M] of embedded inputs ``x`` against embedded edits ``e``."""
+        (qx, ix, hx), (qe, ie, he) = x, e
+        cos_i = ix @ ie.t()
+        both, either = hx[:, None] & he[None, :], hx[:, None] | he[None, :]
+        cos_i = torch.where(both, cos_i, torch.where(either, -1.0, 1.0).to(cos_i.dtype))
+        s = self.log_scale.exp()
+        return s[0] * (qx @ qe.t()) + s[1] * cos_i + self.bias
 
 
 class LoRAFactor(nn.Module):
@@ -130,20 +166,29 @@ class SERACModule(nn.Module):
 @dataclass
 class MemoryEntry:
     """One stored edit: its input, the fact the counterfactual model sees, and the classifier's
-    raw features of the edit input (text [1, 384 or 0], hidden [1, 2H])."""
+    raw features of the edit input (one row)."""
 
     example: Example
     fact: str
-    text: torch.Tensor
-    hidden: torch.Tensor
+    features: Features
     record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class _BufferedCase:
-    answers: set[str]
-    edit: tuple[torch.Tensor, torch.Tensor]  # raw features of the edit input [1, .]
-    scope: tuple[torch.Tensor, torch.Tensor]  # raw features of its in-scope inputs [3, .]
+    """A training case as the classifier loss sees it: features of its inputs (the edit input
+    first, then ``n_in - 1`` more in-scope inputs, then out-of-scope ones) and what tells whether
+    another case's inputs may be in its scope."""
+
+    features: Features
+    n_in: int
+    texts: set[str]  # src, rephrase
+    answers: set[str]  # alt, pred
+
+    def may_share_scope(self, other: "_BufferedCase") -> bool:
+        """Whether inputs of ``other`` might be in this case's scope: the same question about the
+        same content needs a shared answer, and (up to rephrasings) a shared question text."""
+        return bool(self.answers & other.answers) and bool(self.texts & other.texts)
 
 
 class _StopForward(Exception):
@@ -152,6 +197,9 @@ class _StopForward(Exception):
 
 def _image_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())  # [H, W, 3]
+
+
+FEATURE_KEYS = ("text", "hidden", "image", "has_image")
 
 
 class SERACEditor(TrainedEditor):
@@ -171,7 +219,7 @@ class SERACEditor(TrainedEditor):
     # ---- module ----------------------------------------------------------------------
     def _feature_layer(self) -> int:
         n = self.adapter.num_lm_layers
-        layer = self.config.feature_layer if self.config.feature_layer is not None else n // 2
+        layer = self.config.feature_layer if self.config.feature_layer is not None else n // 4
         if not -n <= layer < n:
             raise ValueError(f"serac: feature_layer {layer} out of range; the LM has {n} layers")
         return layer % n
@@ -192,8 +240,7 @@ class SERACEditor(TrainedEditor):
         return out
 
     def _lm_hidden_size(self) -> int:
-        layer = self.adapter.lm_layers()[0]
-        for mod in layer.modules():
+        for mod in self.adapter.lm_layers()[0].modules():
             if isinstance(mod, nn.Linear):
                 return int(mod.in_features)
         raise ValueError("serac: cannot tell the LM hidden size (no Linear layer in an LM layer)")
@@ -226,11 +273,10 @@ class SERACEditor(TrainedEditor):
         return torch.stack([self._text_cache[p] for p in prompts])
 
     @torch.no_grad()
-    def _hidden_features(self, examples: Sequence[Example]) -> torch.Tensor:
+    def _states(self, examples: Sequence[Example]) -> torch.Tensor:
         """Base-model states at ``feature_layer`` [N, 2H]: at the last prompt token (it has seen
         the image and the whole prompt) and averaged over the prompt, image positions included.
-        The scope is decided on the input itself: in-context knowledge from other editors is left
-        out. The forward stops at the feature layer."""
+        The forward stops at the feature layer."""
         adapter = self.adapter
         layer = adapter.lm_layers()[self._feature_layer()]
         H = self.module.scope.lm_hidden
@@ -244,7 +290,8 @@ class SERACEditor(TrainedEditor):
         handle = layer.register_forward_hook(stop)
         try:
             for idx in adapter.sub_batches(examples):
-                # _prepare: the raw input, without other editors' input transforms
+                # _prepare, not prepare: the scope is decided on the input itself, without the
+                # in-context knowledge other editors' input transforms would add
                 batch = adapter._prepare([replace(examples[i], context="") for i in idx]).to(adapter.device)
                 got.clear()
                 try:
@@ -254,31 +301,39 @@ class SERACEditor(TrainedEditor):
                 if not got:
                     raise RuntimeError(f"serac: LM layer {self._feature_layer()} did not run")
                 h = got[0].float()  # [B, T, H]
-                labels = batch.labels
                 attn = batch.inputs["attention_mask"].bool()
                 for b, i in enumerate(idx):
-                    t0 = int((labels[b] != -100).nonzero()[0])  # first target token
-                    keep = attn[b, :t0]
+                    t0 = int((batch.labels[b] != -100).nonzero()[0])  # first target token
                     out[i, :H] = h[b, t0 - 1]
-                    out[i, H:] = h[b, :t0][keep].mean(0)
+                    out[i, H:] = h[b, :t0][attn[b, :t0]].mean(0)
         finally:
             handle.remove()
         return out
 
-    def features(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The classifier's raw (frozen) features of some inputs: (text [N, 384], hidden [N, 2H])."""
-        return self._text_features([ex.prompt for ex in examples]), self._hidden_features(examples)
+    def features(self, examples: Sequence[Example]) -> Features:
+        """The classifier's raw features of some inputs (see :data:`Features`). The base model's
+        weights are frozen, so these never change during training."""
+        n = len(examples)
+        with_img = [i for i, ex in enumerate(examples) if ex.image is not None]
+        # the image alone: an empty prompt, so the last prompt position closes the image
+        alone = [Example("", examples[i].target, examples[i].image) for i in with_img]
+        states = self._states(list(examples) + alone)
+        image = torch.zeros_like(states[:n])
+        image[with_img] = states[n:]
+        has = torch.zeros(n, dtype=torch.bool, device=states.device)
+        has[with_img] = True
+        return {"text": self._text_features([ex.prompt for ex in examples]), "hidden": states[:n],
+                "image": image, "has_image": has}
 
-    def scope_scores(self, examples: Sequence[Example], entries: Sequence[MemoryEntry] | None = None
-                     ) -> torch.Tensor:
-        """Scope probabilities [N, M] of the inputs against stored edits (default: the memory)."""
-        entries = self._memory if entries is None else entries
-        if not entries:
+    @torch.no_grad()
+    def scope_scores(self, examples: Sequence[Example]) -> torch.Tensor:
+        """Scope probabilities [N, M] of the inputs against the M stored edits."""
+        if not self._memory:
             return torch.zeros(len(examples), 0)
         sc = self.module.scope
-        q = sc.embed(*self.features(examples))
-        k = sc.embed(torch.cat([e.text for e in entries]), torch.cat([e.hidden for e in entries]))
-        return torch.sigmoid(sc.logits(q, k))
+        x = sc.embed(self.features(examples))
+        e = sc.embed(cat_features([m.features for m in self._memory]))
+        return torch.sigmoid(sc.logits(x, e))
 
     # ---- counterfactual model ---------------------------------------------------------
     @contextmanager
@@ -311,13 +366,11 @@ class SERACEditor(TrainedEditor):
         edit's fact), the rest to ``inner``, merged in the original order."""
         if not self._memory or not examples:
             return inner(examples)
-        with torch.no_grad():
-            p = self.scope_scores(examples)
-        best, which = p.max(1)
+        best, which = self.scope_scores(examples).max(1)
         groups: dict[int, list[int]] = {}
         for i, (s, j) in enumerate(zip(best.tolist(), which.tolist())):
             groups.setdefault(j if s >= self.config.threshold else -1, []).append(i)
-        log.debug("serac routing: %s", {k: len(v) for k, v in groups.items()})
+        log.debug("serac routing (edit index: inputs; -1 = base model): %s", groups)
         if list(groups) == [-1]:
             return inner(examples)
         views, order = [], []
@@ -343,11 +396,12 @@ class SERACEditor(TrainedEditor):
 
     # ---- the editor contract --------------------------------------------------------------
     def edit(self, request: EditRequest) -> EditHandle:
-        """Store the edit in the memory (no weights change; the classifier embeds it)."""
+        """Store the edit in the memory (no weights change; the classifier embeds its input)."""
         ex = request.example
-        text, hidden = self.features([ex])
-        entry = MemoryEntry(ex, self.fact(ex), text, hidden, dict(request.record))
-        tensors = {"text_features": text, "hidden_features": hidden}
+        with torch.no_grad():
+            feats = self.features([ex])
+        entry = MemoryEntry(ex, self.fact(ex), feats, dict(request.record))
+        tensors = {f"features.{k}": v for k, v in feats.items()}
         if ex.image is not None:
             tensors["image"] = _image_tensor(ex.image)
         rec = request.record
@@ -356,24 +410,25 @@ class SERACEditor(TrainedEditor):
         return self._install(entry, tensors, meta)
 
     def load(self, path: str | Path) -> EditHandle:
-        """Re-apply a saved edit: the stored features are used as saved, so outputs are identical."""
+        """Re-apply a saved edit. Its stored features are used as saved, so outputs are identical
+        to the edit's (the image is saved too, for inspection)."""
         method, meta, t = read_saved_edit(path)
         if method != self.name:
             raise ValueError(f"{path}: saved by editor {method!r}, not {self.name!r}")
-        for k in ("text_features", "hidden_features"):
-            if k not in t:
-                raise ValueError(f"{Path(path) / 'edit.safetensors'}: no {k!r} tensor (not a serac edit?)")
+        f = Path(path) / "edit.safetensors"
+        missing = [k for k in FEATURE_KEYS if f"features.{k}" not in t]
+        if missing:
+            raise ValueError(f"{f}: no tensors {missing} (not a serac edit?)")
         sc = self.module.scope
-        if t["text_features"].shape[-1] != sc.text_dim or t["hidden_features"].shape[-1] != 2 * sc.lm_hidden:
-            raise ValueError(f"{path}: features of sizes {t['text_features'].shape[-1]}/"
-                             f"{t['hidden_features'].shape[-1]}, this editor expects {sc.text_dim}/"
-                             f"{2 * sc.lm_hidden} (saved with another model or options?)")
-        dev = self.adapter.device
+        feats = {k: t[f"features.{k}"].to(self.adapter.device) for k in FEATURE_KEYS}
+        if feats["text"].shape[-1] != sc.text_dim or feats["hidden"].shape[-1] != 2 * sc.lm_hidden:
+            raise ValueError(f"{f}: features of sizes {feats['text'].shape[-1]}/{feats['hidden'].shape[-1]}, "
+                             f"this editor expects {sc.text_dim}/{2 * sc.lm_hidden} (saved with another "
+                             "model or options?)")
         image = Image.fromarray(t["image"].numpy()) if "image" in t else None
         ex = Example(meta["prompt"], meta["target"], image, meta.get("context", ""))
         record = {k: meta[k] for k in ("src", "alt") if meta.get(k) is not None}
-        entry = MemoryEntry(ex, meta.get("fact") or self.fact(ex), t["text_features"].to(dev),
-                            t["hidden_features"].to(dev), record)
+        entry = MemoryEntry(ex, meta.get("fact") or self.fact(ex), feats, record)
         return self._install(entry, t, meta)
 
     # ---- training ------------------------------------------------------------------------
@@ -390,31 +445,42 @@ class SERACEditor(TrainedEditor):
             out_scope.append(replace(edit, image=m_loc.image))  # the edit question, unrelated image
             if rec.m_loc_q.strip() not in (rec.src.strip(), rec.rephrase.strip()):
                 out_scope.append(replace(m_loc, image=edit.image))  # another question, the edit image
-        text, hidden = self.features(in_scope + out_scope)
-        n_in = len(in_scope)
-        answers = {rec.alt.strip()} | ({rec.pred.strip()} if rec.pred else set())
-
-        sc = self.module.scope
-        q = sc.embed(text, hidden)  # [n_in + n_out, d]
-        pos = sc.logits(q[:1], q[1:n_in]).reshape(-1)
-        neg = [sc.logits(q[:1], q[n_in:]).reshape(-1)]
-        # other recent cases: out of scope whenever no answer is shared (a shared answer is
-        # necessary for the same question about the same content)
-        others = [b for b in self._buffer if not (b.answers & answers)]
-        if others:
-            bk = sc.embed(torch.cat([b.edit[0] for b in others]), torch.cat([b.edit[1] for b in others]))
-            bq = sc.embed(torch.cat([b.scope[0] for b in others]), torch.cat([b.scope[1] for b in others]))
-            neg.append(sc.logits(q[:1], bq).reshape(-1))  # this edit vs their inputs
-            neg.append(sc.logits(q[:n_in], bk).reshape(-1))  # their edits vs this case's inputs
-        neg_t = torch.cat(neg)
-        loss_cls = 0.5 * (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
-                          + F.binary_cross_entropy_with_logits(neg_t, torch.zeros_like(neg_t)))
-        self._buffer.append(_BufferedCase(answers, (text[:1], hidden[:1]), (text[:n_in], hidden[:n_in])))
-        while len(self._buffer) > cfg.buffer_cases:
+        feats = self.features(in_scope + out_scope)
+        self._buffer.append(_BufferedCase(
+            feats, len(in_scope), {rec.src.strip(), rec.rephrase.strip()},
+            {rec.alt.strip()} | ({rec.pred.strip()} if rec.pred else set())))
+        while len(self._buffer) > max(cfg.buffer_cases, 1):
             self._buffer.popleft()
+        loss_cls, acc = self._classifier_loss(list(self._buffer))
 
         loss_cf = target_nll(self.counterfactual_run(self.adapter.run_plain, in_scope, self.fact(edit)))
         loss = cfg.cls_weight * loss_cls + cfg.cf_weight * loss_cf
+        return loss, {"cls": loss_cls.item(), "cf": loss_cf.item(), "cls_acc": acc}
+
+    def _classifier_loss(self, cases: list[_BufferedCase]) -> tuple[torch.Tensor, float]:
+        """Balanced BCE of every case's edit input against every buffered input: positive for a
+        case's own in-scope inputs, negative for its out-of-scope ones and for other cases' inputs
+        unless they may share its scope (those pairs are left out)."""
+        sc = self.module.scope
+        x = sc.embed(cat_features([c.features for c in cases]))  # all inputs
+        starts, s = [], 0
+        for c in cases:
+            starts.append(s)
+            s += len(c.features["has_image"])
+        anchors = tuple(t[starts] for t in x)  # each case's edit input
+        logits = sc.logits(anchors, x)  # [n_cases, n_inputs]
+        label = torch.zeros_like(logits)
+        use = torch.ones_like(logits, dtype=torch.bool)
+        for a, (ca, sa) in enumerate(zip(cases, starts)):
+            label[a, sa + 1: sa + ca.n_in] = 1.0
+            use[a, sa] = False  # the edit input itself: trivially in scope
+            for cb, sb in zip(cases, starts):
+                if cb is not ca and ca.may_share_scope(cb):
+                    use[a, sb: sb + len(cb.features["has_image"])] = False
+        pos, neg = use & (label > 0), use & (label == 0)
+        bce = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+        loss = 0.5 * (bce[pos].mean() + bce[neg].mean())
         with torch.no_grad():
-            acc = torch.cat([(pos > 0).float(), (neg_t < 0).float()]).mean()
-        return loss, {"cls": loss_cls.item(), "cf": loss_cf.item(), "cls_acc": acc.item()}
+            acc = 0.5 * (((logits > 0) == (label > 0))[pos].float().mean()
+                         + ((logits > 0) == (label > 0))[neg].float().mean())
+        return loss, acc.item()

@@ -51,6 +51,7 @@ def save_weights(out: str | Path, module: nn.Module, meta: dict[str, Any]) -> No
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
+    tmp.chmod(0o644)  # safetensors creates it owner-only; it is a shipped asset
     tmp.replace(out / WEIGHTS_FILE)
     (out / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
