@@ -34,6 +34,15 @@ METHODS: dict[str, Entry] = {e.name: e for e in [
           "Knowledge Editor: trained hyper-network, conditioned on the edit, maps the gradient to an update"),
     Entry("serac", "mmke.editors.serac:SERACEditor",
           "trained scope classifier + counterfactual model that answers in-scope inputs with the edit in view"),
+    Entry("unike", "mmke.editors.unike:UniKEEditor",
+          "UniKE: new FFN neurons + latent IKE, collaborating through semantic/truthfulness encoders"),
+    Entry("unike-intrinsic", "mmke.editors.unike:UniKEIntrinsicEditor",
+          "UniKE ablation: intrinsic editing only (new FFN neurons in the last layers)"),
+    Entry("unike-latent", "mmke.editors.unike:UniKELatentEditor", "UniKE ablation: latent IKE only"),
+    Entry("unike-intrinsic-ike", "mmke.editors.unike:UniKEIntrinsicIKEEditor",
+          "UniKE ablation: intrinsic editing + ordinary prompt IKE"),
+    Entry("unike-no-collab", "mmke.editors.unike:UniKENoCollabEditor",
+          "UniKE ablation: intrinsic editing + latent IKE, fixed s, no truthfulness guidance"),
 ]}
 
 MODELS: dict[str, Entry] = {e.name: e for e in [

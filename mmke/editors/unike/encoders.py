@@ -1,12 +1,14 @@
 """UniKE's knowledge disentanglement: a semantic and a truthfulness encoder per edited layer.
 
-Both read hidden states of the latent-IKE space (self-attention outputs of an edited layer, [.., H]):
+Both read hidden states of the latent-IKE space (an edited layer's output, [.., H]):
 
 - ``tru[l]``: H -> D. Truthful answer states (question + correct answer) cluster together, apart
   from untruthful ones (question + the model's own wrong answer): supervised InfoNCE, paper Eq. 4.
 - ``sem[l]``: H -> H, into the space of raw question states. A question's raw state h_sem is close
   to the encodings of both its correct and its wrong answer state and far from other questions'
-  (paper Eq. 5). Dynamic s = cos(sem(h_know), h_input) uses it.
+  (paper Eq. 5); mmke adds the state of a paraphrase of the question (same image) as a second
+  anchor with the same positives, so that semantics, not wording, decide. Dynamic
+  s = cos(sem(h_know), h_input) uses it.
 - ``zeta_map[l]`` (W_zeta): D -> H, brings a truthfulness-space direction back to the hidden space
   (fitted so that W_zeta (tru(h_pos) - tru(h_neg)) ~ h_pos - h_neg).
 """
@@ -33,6 +35,9 @@ class UniKEEncoders(nn.Module):
         # per-layer mean of the raw states: semantic similarities are taken around it, since the
         # raw states of all inputs share a large common component (every cosine would be near 1)
         self.register_buffer("state_mean", torch.zeros(n_layers, hidden))
+        # dynamic s = clamp((cos - floor) / (1 - floor), 0, 1): the floor is calibrated after training
+        # on inputs unrelated to the retrieved knowledge, so that s ~ 0 for them
+        self.register_buffer("s_floor", torch.zeros(n_layers))
 
     def semantic(self, i: int, h: torch.Tensor) -> torch.Tensor:  # [.., H] -> [.., H] (centred space)
         return self.sem[i](h.float() - self.state_mean[i])
@@ -57,15 +62,16 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.1) -> torc
     return -(logp.masked_fill(~pos, 0).sum(1) / n_pos).mean()
 
 
-def semantic_loss(h_sem: torch.Tensor, e_pos: torch.Tensor, e_neg: torch.Tensor,
+def semantic_loss(anchors: torch.Tensor, e_pos: torch.Tensor, e_neg: torch.Tensor, owner: torch.Tensor | None = None,
                   tau: float = 0.1) -> torch.Tensor:
-    """Paper Eq. 5: anchor h_sem[i] (raw, centred) [B, H]; its positives are the semantic encodings
-    of its own correct and wrong answer states e_pos[i], e_neg[i] [B, H]; every other question's
-    answer encodings are negatives."""
-    a = F.normalize(h_sem, dim=-1)
+    """Paper Eq. 5: each anchor (a raw, centred question state [A, H]) is close to the semantic
+    encodings of its own question's correct and wrong answer states (e_pos[owner[a]],
+    e_neg[owner[a]], [B, H]) and far from every other question's. ``owner`` (default: anchor a is
+    question a) lets paraphrases of a question be anchors of the same question too."""
+    owner = torch.arange(len(anchors), device=anchors.device) if owner is None else owner
+    a = F.normalize(anchors, dim=-1)
     e = F.normalize(torch.cat([e_pos, e_neg], 0), dim=-1)  # [2B, H]
-    sim = a @ e.t() / tau  # [B, 2B]
-    B = len(a)
-    idx = torch.arange(B, device=a.device)
-    own = torch.logsumexp(torch.stack([sim[idx, idx], sim[idx, idx + B]], 1), 1)
+    sim = a @ e.t() / tau  # [A, 2B]
+    idx = torch.arange(len(a), device=a.device)
+    own = torch.logsumexp(torch.stack([sim[idx, owner], sim[idx, owner + len(e_pos)]], 1), 1)
     return (torch.logsumexp(sim, 1) - own).mean()

@@ -6,8 +6,9 @@
 ``mu`` (the mean FFN input over the locality memory) and ``gamma`` (1 / the edit's distance from
 it) are fixed per edit: they put the keys on a scale where "the edit input activates a neuron to
 about 1" and let one learning rate fit every layer. Keys start at the edit's own (centred) FFN
-inputs at the positions that predict the target, so the neurons fire on the edit from the first
-step; values start at 0, so a fresh patch changes nothing until trained.
+inputs at the positions that predict the target and biases between the edit and the memory, so
+the neurons fire on the edit, not on the memory, from the first step; values start at 0, so a
+fresh patch changes nothing until trained.
 
 Training minimises the target NLL (through :class:`~mmke.editors.unike.tail.TailRunner`, i.e. the
 last L layers only) plus T-Patcher's optional activation loss (each neuron's peak pre-activation on
@@ -31,11 +32,20 @@ from mmke.models.base import Example, ModelAdapter, target_nll, target_positions
 log = logging.getLogger(__name__)
 
 
+def relu2(z: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU: partial activations (inputs near, not at, the edit) count for much less."""
+    return F.relu(z).square()
+
+
+ACTIVATIONS = {"relu": F.relu, "relu2": relu2}
+
+
 class EditPatch(FFNPatch):
     """An :class:`~mmke.editors.patch.FFNPatch` with input centring/scaling and a zeta offset."""
 
-    def __init__(self, hidden: int, n: int, seed: int = 0) -> None:
-        super().__init__(hidden, n, act=F.relu, seed=seed)
+    def __init__(self, hidden: int, n: int, seed: int = 0, act: str = "relu") -> None:
+        super().__init__(hidden, n, act=ACTIVATIONS[act], seed=seed)
+        self.act_name = act
         self.register_buffer("center", torch.zeros(hidden))  # mu [H]
         self.register_buffer("scale", torch.ones(()))  # gamma []
         self.register_buffer("offset", torch.zeros(hidden))  # beta * W_zeta zeta [H]
@@ -58,8 +68,8 @@ class EditPatch(FFNPatch):
                 "center": self.center, "scale": self.scale, "offset": self.offset}
 
     @classmethod
-    def from_state(cls, t: dict[str, torch.Tensor]) -> "EditPatch":
-        p = cls(t["key"].shape[0], t["key"].shape[1])
+    def from_state(cls, t: dict[str, torch.Tensor], act: str = "relu") -> "EditPatch":
+        p = cls(t["key"].shape[0], t["key"].shape[1], act=act)
         with torch.no_grad():
             for k, v in t.items():
                 getattr(p, k).copy_(v)
@@ -69,17 +79,25 @@ class EditPatch(FFNPatch):
 
 @dataclass
 class LocalityMemory:
-    """FFN inputs of other inputs at the positions that predict their targets, per patched layer,
-    and which input each row came from (to skip inputs identical to the edit)."""
+    """FFN inputs of other inputs at the positions that predict their targets, per patched layer;
+    each row's input (to skip the edit input itself) and the unedited model's top-1 token there."""
 
     q: dict[int, torch.Tensor]  # layer -> [N_pos, H]
     owner: list[tuple[str, str]]  # row -> (prompt, target) of its input
+    top1: torch.Tensor  # [N_pos] the unedited model's prediction at the row
+    gold: torch.Tensor  # [N_pos] the input's own target token at the row
 
     def center(self, layer: int) -> torch.Tensor:
         return self.q[layer].mean(0)
 
-    def rows_except(self, prompt: str, target: str) -> torch.Tensor:
-        return torch.tensor([o != (prompt, target) for o in self.owner], dtype=torch.bool)
+    def rows_to_keep(self, prompt: str, target: str, target_ids: torch.Tensor, skip_same: str) -> torch.Tensor:
+        """Rows the new neurons must stay silent on: not the edit input's own, and none where the
+        model already predicts (``skip_same="prediction"``) or should predict (``"answer"``) one of
+        the target's tokens: firing there pushes a prediction the row already makes."""
+        keep = torch.tensor([o != (prompt, target) for o in self.owner], dtype=torch.bool)
+        if skip_same != "none":
+            keep &= ~torch.isin(self.top1 if skip_same == "prediction" else self.gold, target_ids.cpu())
+        return keep
 
 
 @torch.no_grad()
@@ -88,6 +106,8 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
     """FFN inputs of the unedited model at each example's target-predicting positions."""
     qs: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     owner: list[tuple[str, str]] = []
+    top1: list[torch.Tensor] = []
+    gold: list[torch.Tensor] = []
     box: dict[int, torch.Tensor] = {}
     hooks = [adapter.site(f"lm.ffn_key.{l}").register_forward_pre_hook(
         lambda _m, args, l=l: box.__setitem__(l, args[0].detach())) for l in layers]
@@ -97,57 +117,95 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
             for idx in adapter.sub_batches(chunk):
                 sub = [chunk[i] for i in idx]
                 batch = adapter.prepare(sub).to(adapter.device)
-                adapter.target_view(batch)
+                view = adapter.target_view(batch)
                 pos, _, mask = target_positions(batch.labels.to(adapter.device))
                 for l in layers:
                     q = box[l].gather(1, pos.unsqueeze(-1).expand(-1, -1, box[l].shape[-1]))
                     qs[l].append(q[mask].float())
+                top1.append(view.logits.argmax(-1)[mask.to(view.logits.device)].cpu())
+                gold.append(view.target_ids[mask.to(view.logits.device)].cpu())
                 for b, ex in enumerate(sub):
                     owner += [(ex.prompt, ex.target)] * int(mask[b].sum())
     finally:
         for h in hooks:
             h.remove()
-    return LocalityMemory({l: torch.cat(v, 0) for l, v in qs.items()}, owner)
+    return LocalityMemory({l: torch.cat(v, 0) for l, v in qs.items()}, owner, torch.cat(top1), torch.cat(gold))
 
 
 @torch.no_grad()
-def init_patches(patches: dict[int, EditPatch], pos: torch.Tensor, memory: LocalityMemory | None,
-                 threshold: float) -> None:
+def record_ffn_inputs(runner: TailRunner, cache: TailCache, patches: dict[int, EditPatch]) -> dict[int, torch.Tensor]:
+    """FFN inputs [B, T, H] of the patched layers on the cached batch, under the current hooks."""
+    for p in patches.values():
+        p.record = True
+    try:
+        runner.run(cache)
+        return {l: p.recorded["q"].detach() for l, p in patches.items()}
+    finally:
+        for p in patches.values():
+            p.record = False
+            p.recorded = {}
+
+
+@torch.no_grad()
+def init_patches(patches: dict[int, EditPatch], pos: torch.Tensor, memory: dict[int, torch.Tensor] | None,
+                 center: dict[int, torch.Tensor] | None, margin: float,
+                 q_base: dict[int, torch.Tensor] | None = None, shift_weight: float = 0.0) -> None:
     """Keys from the edit's recorded FFN inputs at ``pos`` (its target-predicting positions [P]),
-    centred on the memory mean; neuron j takes position j mod P. The edit's pre-activation starts
-    at ``1 - threshold``."""
+    centred on the locality memory's mean; neuron j takes position j mod P. Each bias sits halfway
+    between the edit's pre-activation (about 1) and the highest one over the memory rows
+    ``memory[layer]`` [N, H], but at most 1 - ``margin``: the neuron fires on the edit and, where
+    the key alone can tell them apart, on no memory row."""
     for layer, p in patches.items():
         q = p.recorded["q"][0, pos].float()  # [P, H]
-        mu = memory.center(layer).to(q) if memory is not None else torch.zeros_like(q[0])
+        mu = center[layer].to(q) if center is not None else torch.zeros_like(q[0])
         u = q - mu  # [P, H]
         n = p.key.shape[1]
         g = torch.Generator().manual_seed(layer)
-        dirs = u[torch.arange(n) % u.shape[0]]  # [n, H]
-        dirs = F.normalize(dirs, dim=-1) + 0.05 * torch.randn(dirs.shape, generator=g) / dirs.shape[1] ** 0.5
+        own = torch.arange(n) % u.shape[0]  # neuron -> its position
+        dirs = F.normalize(u[own], dim=-1) + 0.05 * torch.randn(n, u.shape[1], generator=g) / u.shape[1] ** 0.5
+        if q_base is not None and shift_weight > 0:
+            # what latent IKE added to the edit's FFN inputs: inputs it leaves alone (s ~ 0) lack it
+            d = q - q_base[layer][0, pos].float().to(q)  # [P, H]
+            if bool((d.norm(dim=-1) > 1e-3 * u.norm(dim=-1)).all()):
+                dirs = dirs + shift_weight * F.normalize(d[own], dim=-1)
         p.center.copy_(mu)
         p.scale.copy_(1.0 / u.norm(dim=-1).mean().clamp(min=1e-6))
         p.key.copy_(F.normalize(dirs, dim=-1).t())
-        p.bias.fill_(-threshold)
+        p.bias.zero_()
         p.value.zero_()
+        z_edit = p.pre(q)[own, torch.arange(n)]  # [n]
+        bias = z_edit - margin
+        if memory is not None and len(memory[layer]):
+            z_mem = p.pre(memory[layer].to(q)).amax(0)  # [n]
+            bias = torch.minimum(bias, (z_edit + z_mem) / 2)
+        p.bias.copy_(-bias)
 
 
 def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditPatch],
-                  memory: LocalityMemory | None, keep_rows: torch.Tensor | None, *, steps: int, lr: float,
+                  memory: LocalityMemory | None, keep_rows: torch.Tensor | None, *, steps: int, lr: float, key_lr: float,
                   act_weight: float, margin: float, mem_weight: float, mem_margin: float,
-                  stop_loss: float, threshold: float) -> tuple[int, float]:
-    """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, NLL)."""
+                  stop_loss: float, mem_tol: float = 0.0, q_base: dict[int, torch.Tensor] | None = None,
+                  shift_weight: float = 0.0) -> tuple[int, float]:
+    """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, NLL).
+    ``q_base``: the edit's FFN inputs without latent IKE (:func:`init_patches`)."""
     pos = target_positions(cache.labels)[0][0]  # [P] positions predicting the target tokens
     for p in patches.values():
         p.record = True
     with torch.no_grad():
         runner.run(cache)  # records each layer's FFN inputs (values are still 0: no effect)
-    init_patches(patches, pos, memory, threshold)
     mem = {l: memory.q[l][keep_rows] if keep_rows is not None else memory.q[l] for l in patches} \
-        if memory is not None and mem_weight > 0 else None
-    params = [t for p in patches.values() for t in (p.key, p.bias, p.value)]
+        if memory is not None else None
+    init_patches(patches, pos, mem, {l: memory.center(l) for l in patches} if memory is not None else None,
+                 margin, q_base, shift_weight)
+    if mem_weight <= 0:
+        mem = None
+    keys = [t for p in patches.values() for t in (p.key, p.bias)]
+    values = [p.value for p in patches.values()]
+    params = keys + values
     for t in params:
         t.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    # keys are unit vectors (entries ~ H^-1/2): they move far slower than the values
+    opt = torch.optim.Adam([{"params": values, "lr": lr}, {"params": keys, "lr": key_lr}])
     step, nll_v = 0, float("nan")
     try:
         with torch.enable_grad():
@@ -155,13 +213,16 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
                 nll = target_nll(runner.run(cache))
                 z_edit = torch.cat([p.recorded["z"][0, pos] for p in patches.values()], -1)  # [P, L*n]
                 loss_act = torch.relu(margin - z_edit.amax(0)).mean()
+                loss_mem = torch.stack([torch.relu(patches[l].pre(m) + mem_margin).mean()
+                                        for l, m in mem.items()]).mean() if mem is not None else nll.new_zeros(())
                 nll_v = float(nll.detach())
-                if nll_v < stop_loss and float(loss_act.detach()) == 0.0:
+                log.debug("step %d: nll %.4f act %.4f mem %.5f", step, nll_v, float(loss_act.detach()),
+                          float(loss_mem.detach()))
+                if nll_v < stop_loss and float(loss_act.detach()) == 0.0 and float(loss_mem.detach()) <= mem_tol:
                     break
-                loss = nll + act_weight * loss_act
-                if mem is not None:
-                    loss = loss + mem_weight * torch.stack(
-                        [torch.relu(patches[l].pre(m) + mem_margin).mean() for l, m in mem.items()]).mean()
+                # the NLL is a hinge at stop_loss: once the target is reached the values stop growing
+                # (over-confident values flip other inputs on the faintest activation)
+                loss = torch.relu(nll - stop_loss) + act_weight * loss_act + mem_weight * loss_mem
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -172,3 +233,34 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
         for t in params:
             t.requires_grad_(False)
     return step, nll_v
+
+
+@torch.no_grad()
+def shrink_values(runner: TailRunner, cache: TailCache, patches: dict[int, EditPatch], p_min: float,
+                  iters: int = 7) -> float:
+    """Scale every new value (and zeta offset) by the smallest c in (0, 1] that keeps each target
+    token the top-1 prediction with probability >= ``p_min`` (bisection on the cached edit).
+    Optimisation overshoots; the weakest sufficient edit disturbs neighbouring inputs least."""
+    base = {l: (p.value.detach().clone(), p.offset.clone()) for l, p in patches.items()}
+
+    def ok(c: float) -> bool:
+        for l, p in patches.items():
+            p.value.copy_(base[l][0] * c)
+            p.offset.copy_(base[l][1] * c)
+        v = runner.run(cache)
+        prob = torch.softmax(v.logits.float(), -1)
+        tgt = prob.gather(-1, v.target_ids.unsqueeze(-1)).squeeze(-1)
+        hit = (v.logits.argmax(-1) == v.target_ids) & (tgt >= p_min)
+        return bool(hit[v.mask].all())
+
+    lo, hi = 0.0, 1.0
+    if not ok(hi):
+        return 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    ok(hi)  # leave the patches at the smallest sufficient scale found
+    return hi

@@ -1,0 +1,380 @@
+"""UniKE (Pan et al., NeurIPS 2024): intrinsic and in-context knowledge as key-value memories of
+the same layers, made to cooperate through a semantic and a truthfulness space (SPEC §5).
+
+One edit, in order:
+
+1. one full forward pass of the edit input caches the inputs of the first edited layer
+   (:mod:`~mmke.editors.unike.tail`) and the edit's hidden states at the edited layers;
+2. external knowledge: latent IKE retrieves the top-K memory entries per layer and installs the
+   shift of the edited layers' outputs (:mod:`~mmke.editors.unike.memory`), with fixed s or the
+   dynamic, semantic s; or (variant ``unike-intrinsic-ike``) ordinary prompt IKE;
+3. intrinsic knowledge: n_e new neurons per edited FFN (:mod:`~mmke.editors.unike.intrinsic`),
+   their values offset by beta * W_zeta zeta (the truthfulness direction of the retrieved
+   knowledge), trained on the edit with the external knowledge in place, running only the last
+   L layers per step.
+
+The variants are this editor with other defaults: ``unike-intrinsic``, ``unike-latent``,
+``unike-intrinsic-ike``, ``unike-no-collab``. Every variant shares the ``unike`` weights directory
+(encoders + memory, written by ``mmke train --method unike``); ``unike-intrinsic`` and
+``unike-intrinsic-ike`` need none.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator
+
+from mmke.editors.base import EditHandle, EditRequest, read_saved_edit
+from mmke.editors.patch import PatchHooks
+from mmke.editors.trained import TrainedEditor, TrainedEditorConfig, bundled_weights_dir
+from mmke.editors.unike.encoders import UniKEEncoders
+from mmke.editors.unike.intrinsic import (EditPatch, LocalityMemory, ffn_inputs_at_targets, record_ffn_inputs,
+                                          shrink_values, train_patches)
+from mmke.editors.unike.memory import LatentMemory, LatentShift, site_outputs
+from mmke.editors.unike.tail import TailRunner
+from mmke.eval.protocol import case_inputs
+from mmke.models.base import target_positions
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "unike"  # every variant reads the weights directory of the full method
+
+
+class UniKEConfig(TrainedEditorConfig):
+    # ---- intrinsic editing ----
+    intrinsic: bool = True
+    layers: int = 4  # the last L LM layers get new neurons (and the latent-IKE shift)
+    n_neurons: int = 10  # n_e per layer
+    steps: int = 25
+    lr: float = 0.05  # Adam on the new values
+    key_lr: float = 0.005  # ... and on the new keys and biases
+    act_weight: float = 1.0
+    margin: float = 0.25  # pre-activation the new neurons keep on the edit (activation loss)
+    act: Literal["relu", "relu2"] = "relu"  # activation of the new neurons
+    shrink_to: float | None = None  # after training, shrink the new values while P(target) stays >= this
+    shift_key_weight: float = 1.0  # with latent IKE: weight of the shift's direction in the initial keys
+    mem_weight: float = 1.0
+    mem_margin: float = 0.0
+    mem_tol: float = 0.0  # stop once the memory loss is at most this (and the edit is learnt)
+    memory_size: int = 256  # train cases whose inputs the new neurons must stay silent on
+    mem_skip_same: Literal["answer", "prediction", "none"] = "answer"  # ... except where the answer is
+    # (or the model predicts) a token of the edit's target: firing there changes no top-1 output
+    memory_kinds: list[str] = ["reliability", "t_locality", "m_locality"]  # which inputs of each case
+    stop_loss: float = 0.05
+    seed: int = 0
+    # ---- external knowledge ----
+    external: Literal["latent", "ike", "none"] = "latent"
+    site: Literal["layer", "attn"] = "layer"  # latent IKE shifts the layer output or its attention output
+    k: int = 40  # retrieved memory entries (latent IKE, zeta)
+    s: float | Literal["dynamic"] = "dynamic"  # mixing weight of the latent knowledge
+    tau: float = 0.1  # temperature of the attention over retrieved states (cosine scores)
+    zeta: Literal["truthfulness", "semantic", "random", "none"] = "truthfulness"
+    beta: float = 0.1  # weight of the zeta offset, relative to the retrieved |h_pos - h_neg|
+    ike_k: int = 32  # demonstrations of prompt IKE (external = "ike")
+    # ---- architecture of the trained part (encoders, memory) ----
+    enc_hidden: int = 128
+    tru_dim: int = 64
+    memory_entries: int = 512  # train cases stored in the latent-IKE memory
+    # ---- encoder training (`mmke train --method unike`) ----
+    enc_steps: int = 500
+    enc_lr: float = 1e-3
+    enc_batch: int = 128  # triplets per step
+    enc_tau: float = 0.1  # temperature of both contrastive losses
+    s_quantile: float = 0.99  # dynamic s is 0 on this fraction of unrelated inputs (calibrated floor)
+
+    @field_validator("s")
+    @classmethod
+    def _s_range(cls, v):
+        if not isinstance(v, str) and not 0.0 <= v <= 1.0:
+            raise ValueError("s must be 'dynamic' or a number in [0, 1]")
+        return v
+
+
+class UniKEEditor(TrainedEditor):
+    """Full UniKE: intrinsic neurons + latent IKE with dynamic s + truthfulness-guided values."""
+
+    name = "unike"
+    Config = UniKEConfig
+
+    def __init__(self, adapter, config=None, *, task=None, train_records=None, untrained: bool = False,
+                 model_name: str | None = None, **context: Any) -> None:
+        cfg = config or self.Config()
+        self.n_layers = adapter.num_lm_layers
+        self.layers = [(self.n_layers - cfg.layers + j) for j in range(cfg.layers)]  # absolute indices
+        needs = self.needs_weights(cfg)
+        super().__init__(adapter, cfg, task=task, train_records=train_records,
+                         untrained=untrained or not needs, model_name=model_name, **context)
+        self.memory: LatentMemory | None = None
+        if needs and not untrained:
+            self.memory = LatentMemory.load(self.weights_dir())
+            if self.memory.layers != self.layers or self.memory.meta.get("site", "layer") != cfg.site:
+                raise ValueError(f"{self.weights_dir()}: memory holds layers {self.memory.layers} at site "
+                                 f"{self.memory.meta.get('site', 'layer')!r}; this editor edits {self.layers} "
+                                 f"at {cfg.site!r} (other `layers` or `site` option?)")
+        self.runner = TailRunner(adapter, self.layers[0])
+        self._locality: LocalityMemory | None = None
+        self._loc_examples = self._locality_examples(train_records or [])
+        self.ike = None
+        if cfg.external == "ike":
+            from mmke.editors.ike import IKEConfig, IKEEditor
+
+            self.ike = IKEEditor(adapter, IKEConfig(k=cfg.ike_k), train_records=train_records, task=task)
+
+    # ---- what needs what ----------------------------------------------------------------
+    @staticmethod
+    def needs_weights(cfg: UniKEConfig) -> bool:
+        """Latent IKE and zeta read the memory (and the encoders); the rest needs nothing trained."""
+        return cfg.external == "latent" or (cfg.intrinsic and cfg.zeta != "none")
+
+    def build_module(self) -> UniKEEncoders:
+        cfg = self.config
+        hidden = int(self.adapter.site(f"lm.attn_out.{self.layers[0]}").out_features)  # the LM width
+        return UniKEEncoders(hidden, cfg.layers, cfg.enc_hidden, cfg.tru_dim)
+
+    def architecture(self) -> dict[str, Any]:
+        keys = ("layers", "site", "enc_hidden", "tru_dim", "memory_entries")
+        return {k: getattr(self.config, k) for k in keys}
+
+    def weights_dir(self) -> Path:
+        if self.config.weights or self.model_name != "default":
+            return super().weights_dir()
+        d = bundled_weights_dir(WEIGHTS_NAME, self.task.name if self.task is not None else "vqa")
+        if not (d / "weights.safetensors").exists():
+            raise FileNotFoundError(f"{self.name} needs the unike weights and memory in {d}; build them "
+                                    f"with `mmke train --method unike --task {self.task.name if self.task else 'vqa'}`")
+        return d
+
+    def fit(self, records: list, out, cfg, command: str = "") -> dict[str, Any]:
+        if self.name != WEIGHTS_NAME:
+            raise ValueError(f"{self.name} shares the weights of `unike`: train `--method unike`")
+        from mmke.train.unike import fit_unike
+
+        return fit_unike(self, records, out, cfg, command=command)
+
+    def train_loss(self, case):  # pragma: no cover - UniKE trains through fit()
+        raise NotImplementedError("UniKE's encoders are trained contrastively by fit(), not per edit case")
+
+    # ---- locality memory of the new neurons ---------------------------------------------
+    def _locality_examples(self, records: list) -> list:
+        if not self.config.intrinsic or not records or self.config.mem_weight <= 0:
+            if self.config.intrinsic and not records:
+                log.warning("%s: no train records, so no memory loss (new neurons may fire elsewhere)", self.name)
+            return []
+        if self.task is None:
+            raise ValueError(f"{self.name} needs the task to template its locality memory")
+        out = []
+        for r in records[: self.config.memory_size]:
+            x = case_inputs(r, self.task, self.adapter.load_image)
+            out += [x[k] for k in self.config.memory_kinds]
+        return out
+
+    def locality(self) -> LocalityMemory | None:
+        if self._locality is None and self._loc_examples:
+            self._locality = ffn_inputs_at_targets(self.adapter, self.layers, self._loc_examples)
+        return self._locality
+
+    # ---- the edit -----------------------------------------------------------------------
+    def edit(self, request: EditRequest) -> EditHandle:
+        cfg = self.config
+        undo: list = []
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"layers": self.layers, "s": cfg.s, "external": cfg.external,
+                                "intrinsic": cfg.intrinsic, "zeta": cfg.zeta, "act": cfg.act}
+        ike_handle = None
+        try:
+            if self.ike is not None:
+                ike_handle = self.ike.edit(request)
+                undo.append(ike_handle.remove)
+            ex = request.example
+            with site_outputs(self.adapter, self.layers if self.memory is not None else [], cfg.site) as outs:
+                cache, _ = self.runner.capture([ex])
+            retrieved: dict[int, list[int]] = {}
+            if self.memory is not None:
+                pos = target_positions(cache.labels)[0][0]
+                ends = torch.stack([pos[0], pos[-1] + 1])  # last question token, last answer token
+                st = torch.stack([outs[l][0, ends] for l in self.layers])  # [L, 2, H]
+                for j, l in enumerate(self.layers):
+                    retrieved[l] = self.memory.retrieve(l, st[j, 0], cfg.k)
+                    tensors[f"latent.{l}.indices"] = torch.tensor(retrieved[l])
+                    tensors[f"latent.{l}.edit_sem"] = st[j, 0].cpu()
+                    tensors[f"latent.{l}.edit_pos"] = st[j, 1].cpu()
+                meta["memory"] = self.memory.digest()
+            patches: dict[int, EditPatch] = {}
+            q_base = None
+            if cfg.intrinsic:
+                patches = {l: EditPatch(self.ffn_width(l), cfg.n_neurons, seed=cfg.seed + l, act=cfg.act)
+                           .to(self.adapter.device) for l in self.layers}
+                undo.append(PatchHooks(self.adapter, patches).remove)
+                if cfg.external == "latent":
+                    q_base = record_ffn_inputs(self.runner, cache, patches)  # before the shift
+            if cfg.external == "latent":
+                undo.append(self._install_latent(tensors).remove)
+            if cfg.intrinsic:
+                if cfg.zeta != "none":
+                    self._set_offsets(patches, retrieved)
+                loc = self.locality()
+                keep = None
+                if loc is not None:
+                    tids = target_positions(cache.labels)[1][0]
+                    keep = loc.rows_to_keep(ex.prompt, ex.target, tids, cfg.mem_skip_same)
+                steps, nll = train_patches(
+                    self.runner, cache, patches, loc, keep, steps=cfg.steps, lr=cfg.lr, key_lr=cfg.key_lr,
+                    act_weight=cfg.act_weight, margin=cfg.margin, mem_weight=cfg.mem_weight,
+                    mem_margin=cfg.mem_margin, stop_loss=cfg.stop_loss, mem_tol=cfg.mem_tol,
+                    q_base=q_base, shift_weight=cfg.shift_key_weight)
+                if cfg.shrink_to is not None:
+                    meta["value_scale"] = round(shrink_values(self.runner, cache, patches, cfg.shrink_to), 4)
+                for l, p in patches.items():
+                    tensors.update({f"patch.{l}.{k}": v.detach().cpu() for k, v in p.state().items()})
+                meta.update(steps=steps, final_nll=round(nll, 4))
+        except BaseException:
+            for fn in reversed(undo):
+                fn()
+            raise
+        return UniKEHandle(self.adapter, self.name, undo=_chain(undo), tensors=tensors, meta=meta,
+                           ike_handle=ike_handle)
+
+    def ffn_width(self, layer: int) -> int:
+        return int(self.adapter.site(f"lm.ffn_key.{layer}").in_features)
+
+    def _install_latent(self, tensors: dict[str, torch.Tensor]) -> LatentShift:
+        """The latent-IKE hooks from the retrieved indices and the edit's own states in ``tensors``."""
+        mem = self.memory
+        dev = self.adapter.device
+        know, center = {}, {}
+        for j, l in enumerate(self.layers):
+            idx = tensors[f"latent.{l}.indices"].long()
+            know[l] = torch.cat([mem.pos[j, idx].float(), tensors[f"latent.{l}.edit_pos"][None].float()]).to(dev)
+            center[l] = mem.mean[j].to(dev)
+        s = None if self.config.s == "dynamic" else float(self.config.s)
+        enc = self.module if s is None else None
+        return LatentShift(self.adapter, know, center, s=s, encoders=enc,
+                           enc_index={l: j for j, l in enumerate(self.layers)}, tau=self.config.tau,
+                           site=self.config.site)
+
+    @torch.no_grad()
+    def _set_offsets(self, patches: dict[int, EditPatch], retrieved: dict[int, list[int]]) -> None:
+        """zeta (SPEC §5.3), per layer: a direction in the hidden space, scaled to beta times the
+        mean |h_pos - h_neg| of the retrieved entries, added to every new neuron's value.
+        truthfulness: W_zeta (mean EncTru(h_pos) - mean EncTru(h_neg)); semantic: mean EncSem(h_pos)
+        - mean EncSem(h_neg); random: a seeded random direction."""
+        mem, enc, cfg = self.memory, self.module, self.config
+        for j, l in enumerate(self.layers):
+            idx = torch.tensor(retrieved[l])
+            hp, hn = mem.pos[j, idx].float(), mem.neg[j, idx].float()  # [K, H]
+            if cfg.zeta == "truthfulness":
+                v = enc.zeta_map[j](enc.truth(j, hp).mean(0) - enc.truth(j, hn).mean(0))
+            elif cfg.zeta == "semantic":
+                v = enc.semantic(j, hp).mean(0) - enc.semantic(j, hn).mean(0)
+            else:
+                v = torch.randn(hp.shape[-1], generator=torch.Generator().manual_seed(cfg.seed + l))
+            scale = cfg.beta * (hp - hn).norm(dim=-1).mean()
+            patches[l].offset.copy_((F.normalize(v, dim=-1) * scale).to(patches[l].offset))
+
+    # ---- saved edits --------------------------------------------------------------------
+    def load(self, path: str | Path) -> EditHandle:
+        method, meta, t = read_saved_edit(path)
+        if method != self.name:
+            raise ValueError(f"{path}: saved by editor {method!r}, not {self.name!r}")
+        if meta.get("layers") != self.layers:
+            raise ValueError(f"{path}: edit of layers {meta.get('layers')}, this editor edits {self.layers}")
+        undo: list = []
+        ike_handle = None
+        try:
+            if meta.get("external") == "ike":
+                if self.ike is None:
+                    raise ValueError(f"{path}: an edit with prompt IKE; load it with external='ike'")
+                ike_handle = self.ike.load(Path(path) / "ike")
+                undo.append(ike_handle.remove)
+            if meta.get("external") == "latent":
+                if self.memory is None or self.memory.digest() != meta.get("memory"):
+                    raise ValueError(f"{path}: the edit's latent-IKE memory ({meta.get('memory')}) is not this "
+                                     "editor's; load it with the weights it was made with")
+                if meta.get("s") != self.config.s:
+                    raise ValueError(f"{path}: saved with s={meta.get('s')!r}, this editor has s={self.config.s!r}")
+                undo.append(self._install_latent(t).remove)
+            if meta.get("intrinsic"):
+                patches = {l: EditPatch.from_state({k.split(".", 2)[2]: v for k, v in t.items()
+                                                    if k.startswith(f"patch.{l}.")}, meta.get("act", "relu"))
+                           .to(self.adapter.device)
+                           for l in self.layers}
+                undo.append(PatchHooks(self.adapter, patches).remove)
+        except BaseException:
+            for fn in reversed(undo):
+                fn()
+            raise
+        return UniKEHandle(self.adapter, self.name, undo=_chain(undo), tensors=t, meta=meta, ike_handle=ike_handle)
+
+
+def _chain(fns: list):
+    def undo() -> None:
+        for fn in reversed(fns):
+            fn()
+    return undo
+
+
+class UniKEHandle(EditHandle):
+    """A UniKE edit; saving also writes the prompt-IKE part (variant unike-intrinsic-ike)."""
+
+    def __init__(self, *args: Any, ike_handle: EditHandle | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ike_handle = ike_handle
+
+    def save(self, path: str | Path) -> None:
+        super().save(path)
+        if self.ike_handle is not None:
+            self.ike_handle.save(Path(path) / "ike")
+
+
+# ---- the ablation variants (SPEC §5, §6) ------------------------------------------------
+class UniKEIntrinsicConfig(UniKEConfig):
+    external: Literal["latent", "ike", "none"] = "none"
+    zeta: Literal["truthfulness", "semantic", "random", "none"] = "none"
+
+
+class UniKELatentConfig(UniKEConfig):
+    intrinsic: bool = False
+    zeta: Literal["truthfulness", "semantic", "random", "none"] = "none"
+
+
+class UniKEIntrinsicIKEConfig(UniKEConfig):
+    external: Literal["latent", "ike", "none"] = "ike"
+    zeta: Literal["truthfulness", "semantic", "random", "none"] = "none"
+
+
+class UniKENoCollabConfig(UniKEConfig):
+    s: float | Literal["dynamic"] = 0.5
+    zeta: Literal["truthfulness", "semantic", "random", "none"] = "none"
+
+
+class UniKEIntrinsicEditor(UniKEEditor):
+    """Intrinsic editing only: new FFN neurons in the last L layers."""
+
+    name = "unike-intrinsic"
+    Config = UniKEIntrinsicConfig
+
+
+class UniKELatentEditor(UniKEEditor):
+    """Latent IKE only (dynamic s)."""
+
+    name = "unike-latent"
+    Config = UniKELatentConfig
+
+
+class UniKEIntrinsicIKEEditor(UniKEEditor):
+    """New FFN neurons + ordinary prompt IKE."""
+
+    name = "unike-intrinsic-ike"
+    Config = UniKEIntrinsicIKEConfig
+
+
+class UniKENoCollabEditor(UniKEEditor):
+    """New FFN neurons + latent IKE with a fixed s and no zeta (no knowledge collaboration)."""
+
+    name = "unike-no-collab"
+    Config = UniKENoCollabConfig

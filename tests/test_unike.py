@@ -1,0 +1,223 @@
+"""UniKE on tiny random models and toy tensors: each component, the edit contract, and training."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from mmke.data.schema import EditRecord
+from mmke.editors.base import EditRequest
+from mmke.editors.trained import save_weights
+from mmke.editors.unike import UniKEConfig, UniKEEditor, UniKEIntrinsicEditor
+from mmke.editors.unike.encoders import UniKEEncoders, semantic_loss, supcon_loss
+from mmke.editors.unike.memory import LatentMemory, shift
+from mmke.editors.unike.tail import TailRunner
+from mmke.models.base import Example, target_nll
+from mmke.models.tiny import tiny_blip2, tiny_llava
+from mmke.tasks import TASKS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = dict(layers=2, n_neurons=4, steps=40, lr=0.05, memory_size=4)
+
+
+def _img(rgb):
+    return Image.new("RGB", (32, 32), rgb)
+
+
+def _logits(adapter, exs):
+    with torch.no_grad():
+        return adapter.run(exs).logits
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Twelve toy MMEdit records with real image files (train split of a fake task)."""
+    root = tmp_path_factory.mktemp("imgs")
+    colours = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+    for name, rgb in colours.items():
+        _img(rgb).save(root / f"{name}.png")
+    out = []
+    for i in range(12):
+        c = list(colours)[i % 3]
+        o = list(colours)[(i + 1) % 3]
+        out.append(EditRecord(
+            src="what color is the shape?", alt=c, rephrase="what is the colour of the shape?",
+            image=f"{c}.png", image_rephrase=f"{c}.png", loc="nq question: what is the capital of france?",
+            loc_ans="paris", m_loc=f"{o}.png", m_loc_q="is there a circle?", m_loc_a="no", index=i,
+            image_path=root / f"{c}.png", image_rephrase_path=root / f"{c}.png", m_loc_path=root / f"{o}.png"))
+    return out
+
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_blip2])
+def test_tail_runner_matches_the_full_forward(build):
+    adapter = build()
+    ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
+    runner = TailRunner(adapter, -2)
+    cache, full = runner.capture([ex])
+    assert runner.enabled and cache.hidden is not None
+    assert torch.allclose(runner.run(cache).logits, full.logits, atol=1e-5)
+
+
+def test_intrinsic_neurons_fire_on_the_edit_and_restore_exactly(records):
+    adapter = tiny_llava()
+    ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
+    other = Example("nq question: what is the capital of france?", " paris", None)
+    before = _logits(adapter, [ex, other])
+    nll0 = target_nll(adapter.run([ex])).item()
+    ed = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**FAST), task=TASKS["vqa"],
+                              train_records=records)
+    assert ed.memory is None  # the intrinsic variant needs no trained weights
+    h = ed.edit(EditRequest(ex))
+    with torch.no_grad():
+        v = adapter.run([ex])
+    assert target_nll(v).item() < nll0 - 1.0
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+    assert len(ed.layers) == 2 and all(f"patch.{l}.key" in h.tensors for l in ed.layers)
+    h.remove()
+    assert torch.equal(_logits(adapter, [ex, other]), before)
+
+
+def test_retrieval_returns_the_nearest_stored_states():
+    g = torch.Generator().manual_seed(0)
+    L, N, H = 2, 50, 16
+    sem = torch.randn(L, N, H, generator=g)
+    mem = LatentMemory([3, 4], sem, torch.randn(L, N, H, generator=g), torch.randn(L, N, H, generator=g))
+    for j, layer in enumerate(mem.layers):
+        q = mem.sem[j, 17].float() + 0.01 * torch.randn(H, generator=g)
+        got = mem.retrieve(layer, q, 5)
+        assert got[0] == 17
+        centred = torch.nn.functional.normalize(mem.sem[j].float() - mem.mean[j], dim=-1)
+        sims = centred @ torch.nn.functional.normalize(q - mem.mean[j], dim=0)
+        assert got == sims.topk(5).indices.tolist()
+
+
+def test_dynamic_s_is_in_unit_interval_and_shrinks_for_unrelated_inputs():
+    g = torch.Generator().manual_seed(0)
+    H = 16
+    P = torch.randn(6, H, generator=g)  # retrieved knowledge states
+    related = P[2] + 0.1 * torch.randn(H, generator=g)
+    r = torch.randn(H, generator=g)
+    unrelated = r - P.t() @ torch.linalg.solve(P @ P.t(), P @ r)  # orthogonal to every stored state
+    h = torch.stack([related, unrelated])[None]  # [1, 2, H]
+    # semantic encoder = identity: s = cos(h_know, h)
+    new, s = shift(h, P, torch.zeros(H), tau=0.1, s=None, semantic=lambda x: x)
+    assert s.shape == (1, 2) and bool(((s >= 0) & (s <= 1)).all())
+    assert s[0, 0] > 0.9 and s[0, 1] < 1e-4
+    assert torch.allclose(new[0, 1], h[0, 1], atol=1e-4)  # s ~ 0: left alone
+    fixed, s_fixed = shift(h, P, torch.zeros(H), tau=0.1, s=0.5)
+    assert bool((s_fixed == 0.5).all()) and not torch.allclose(fixed, h)
+
+
+def test_contrastive_losses_decrease_on_separable_toy_data():
+    g = torch.Generator().manual_seed(0)
+    H, B = 24, 32
+    truth_dir = torch.randn(H, generator=g) * 3
+    hs = torch.randn(B, H, generator=g) * 2  # one state per question
+    hp = hs + truth_dir + 0.3 * torch.randn(B, H, generator=g)  # correct-answer states
+    hn = hs - truth_dir + 0.3 * torch.randn(B, H, generator=g)  # wrong-answer states
+    torch.manual_seed(0)
+    enc = UniKEEncoders(H, 1, enc_hidden=32, tru_dim=8)
+    opt = torch.optim.Adam(enc.parameters(), lr=3e-3)
+    labels = torch.cat([torch.ones(B), torch.zeros(B)])
+
+    def losses():
+        tru = supcon_loss(torch.cat([enc.truth(0, hp), enc.truth(0, hn)]), labels)
+        sem = semantic_loss(enc.centred(0, hs), enc.semantic(0, hp), enc.semantic(0, hn))
+        return tru, sem
+
+    tru0, sem0 = (float(x.detach()) for x in losses())
+    for _ in range(200):
+        tru, sem = losses()
+        opt.zero_grad()
+        (tru + sem).backward()
+        opt.step()
+    tru1, sem1 = (float(x.detach()) for x in losses())
+    # supervised InfoNCE cannot go below log(B - 1) (every positive equally likely): most of the gap closes
+    floor = math.log(B - 1)
+    assert tru1 - floor < 0.2 * (tru0 - floor)
+    assert sem1 < 0.5 * sem0
+
+
+@pytest.fixture(scope="module")
+def trained_dir(records, tmp_path_factory):
+    """A UniKE weights directory for tiny LLaVA, trained by the real recipe on the toy records."""
+    from mmke.train.editors import EditorTrainConfig
+
+    torch.set_num_threads(1)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MMKE_CACHE", str(tmp_path_factory.mktemp("cache")))  # the triplet cache goes there
+    adapter = tiny_llava()
+    cfg = UniKEConfig(**FAST, k=4, memory_entries=8, enc_steps=20, enc_batch=8)
+    ed = UniKEEditor(adapter, cfg, task=TASKS["vqa"], train_records=records, untrained=True, model_name="tiny-llava")
+    out = tmp_path_factory.mktemp("unike-weights")
+    meta = ed.fit(records, out, EditorTrainConfig(val_size=1, seed=0), command="test")
+    mp.undo()
+    assert (out / "memory.safetensors").exists() and (out / "CARD.md").exists()
+    assert meta["encoders"]["after"]["tru_acc"] >= 0.0 and set(meta["validation"]) >= {"reliability"}
+    return out
+
+
+def _full(adapter, records, d, **kw):
+    cfg = UniKEConfig(**{**FAST, "k": 4, "memory_entries": 8, "weights": str(d), **kw})
+    return UniKEEditor(adapter, cfg, task=TASKS["vqa"], train_records=records, model_name="tiny-llava")
+
+
+def test_saved_unike_edit_reloads_to_identical_outputs(records, trained_dir, tmp_path):
+    adapter = tiny_llava()
+    ed = _full(adapter, records, trained_dir)
+    ex = Example("what color is the shape?", " blue", _img((200, 10, 10)))
+    other = Example("nq question: what is the capital of france?", " paris", None)
+    before = _logits(adapter, [ex, other])
+    h = ed.edit(EditRequest(ex))
+    edited = _logits(adapter, [ex, other])
+    v = adapter.run([ex])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+    assert {f"latent.{l}.indices" for l in ed.layers} <= set(h.tensors) and h.meta["s"] == "dynamic"
+    h.save(tmp_path / "e")
+    h.remove()
+    assert torch.equal(_logits(adapter, [ex, other]), before)
+    h2 = _full(adapter, records, trained_dir).load(tmp_path / "e")
+    assert torch.equal(_logits(adapter, [ex, other]), edited)
+    h2.remove()
+    assert torch.equal(_logits(adapter, [ex, other]), before)
+
+
+@pytest.mark.parametrize("zeta", ["truthfulness", "semantic", "random", "none"])
+def test_zeta_options_and_fixed_s(records, trained_dir, zeta):
+    adapter = tiny_llava()
+    ed = _full(adapter, records, trained_dir, zeta=zeta, s=0.3, steps=3)
+    h = ed.edit(EditRequest(Example("what color is the shape?", " blue", _img((200, 10, 10)))))
+    offsets = [h.tensors[f"patch.{l}.offset"] for l in ed.layers]
+    assert all(bool((o == 0).all()) for o in offsets) == (zeta == "none")
+    h.remove()
+
+
+def test_sequential_edits_accumulate_and_unwind(records, trained_dir):
+    adapter = tiny_llava()
+    ed = _full(adapter, records, trained_dir)
+    a = Example("what color is the shape?", " blue", _img((200, 10, 10)))
+    b = Example("is there a circle?", " yes", _img((10, 200, 10)))
+    before = _logits(adapter, [a, b])
+    h1 = ed.edit(EditRequest(a))
+    after_first = _logits(adapter, [a, b])
+    h2 = ed.edit(EditRequest(b))
+    v = adapter.run([a, b])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())  # both edits hold
+    h2.remove()
+    assert torch.equal(_logits(adapter, [a, b]), after_first)
+    h1.remove()
+    assert torch.equal(_logits(adapter, [a, b]), before)
+
+
+def test_variants_need_weights_only_where_they_use_them(records, tmp_path):
+    adapter = tiny_llava()
+    with pytest.raises(FileNotFoundError, match="unike"):
+        UniKEEditor(adapter, UniKEConfig(**FAST, weights=str(tmp_path)), task=TASKS["vqa"], train_records=records)
+    # weights without a memory: a clear error too
+    ed = UniKEEditor(adapter, UniKEConfig(**FAST), task=TASKS["vqa"], train_records=records, untrained=True)
+    save_weights(tmp_path, ed.module, {"method": "unike"})
+    with pytest.raises(FileNotFoundError, match="memory"):
+        UniKEEditor(adapter, UniKEConfig(**FAST, weights=str(tmp_path)), task=TASKS["vqa"], train_records=records)
+    with pytest.raises(ValueError, match="s must be"):
+        UniKEConfig(s=1.5)
