@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 LIMIT=${LIMIT:-20}
 OUT=${OUT:-runs/quickstart}
-METHODS=${METHODS:-"ft-lm ft-vision ike t-patcher mend mend-vision ke serac"}
+METHODS=${METHODS:-"ft-lm ft-vision ike t-patcher mend mend-vision ke serac unike"}
 MMKE=.venv/bin/mmke
 $MMKE data build
 for task in vqa caption; do
