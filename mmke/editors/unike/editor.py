@@ -186,6 +186,7 @@ class UniKEEditor(TrainedEditor):
         meta: dict[str, Any] = {"layers": self.layers, "s": cfg.s, "external": cfg.external,
                                 "intrinsic": cfg.intrinsic, "zeta": cfg.zeta, "act": cfg.act}
         ike_handle = None
+        loc = self.locality()  # built once, before anything of this edit (an IKE prompt) is installed
         try:
             if self.ike is not None:
                 ike_handle = self.ike.edit(request)
@@ -217,7 +218,6 @@ class UniKEEditor(TrainedEditor):
             if cfg.intrinsic:
                 if cfg.zeta != "none":
                     self._set_offsets(patches, retrieved)
-                loc = self.locality()
                 keep = None
                 if loc is not None:
                     tids = target_positions(cache.labels)[1][0]
