@@ -221,3 +221,25 @@ def test_variants_need_weights_only_where_they_use_them(records, tmp_path):
         UniKEEditor(adapter, UniKEConfig(**FAST, weights=str(tmp_path)), task=TASKS["vqa"], train_records=records)
     with pytest.raises(ValueError, match="s must be"):
         UniKEConfig(s=1.5)
+
+
+def test_intrinsic_ike_variant_edits_with_a_prompt_and_restores(records, tmp_path):
+    from mmke.editors.unike import UniKEIntrinsicIKEEditor
+
+    adapter = tiny_llava()
+    ex = Example("what color is the shape?", " blue", _img((200, 10, 10)))
+    before = _logits(adapter, [ex])
+    ed = UniKEIntrinsicIKEEditor(adapter, UniKEIntrinsicIKEEditor.Config(**FAST, ike_k=2), task=TASKS["vqa"],
+                                 train_records=records)
+    rec = {"src": "what color is the shape?", "alt": "blue"}
+    h = ed.edit(EditRequest(ex, rec))
+    assert len(adapter.input_transforms) == 1 and h.ike_handle is not None
+    v = adapter.run([ex])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+    edited = _logits(adapter, [ex])
+    h.save(tmp_path / "e")
+    h.remove()
+    assert not adapter.input_transforms and torch.equal(_logits(adapter, [ex]), before)
+    h2 = ed.load(tmp_path / "e")
+    assert torch.equal(_logits(adapter, [ex]), edited)
+    h2.remove()
