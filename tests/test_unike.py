@@ -10,6 +10,7 @@ from mmke.data.schema import EditRecord
 from mmke.editors.base import EditRequest
 from mmke.editors.trained import save_weights
 from mmke.editors.unike import UniKEConfig, UniKEEditor, UniKEIntrinsicEditor
+from mmke.editors.unike.intrinsic import EditPatch, LocalityMemory, ffn_inputs_at_targets
 from mmke.editors.unike.encoders import UniKEEncoders, semantic_loss, supcon_loss
 from mmke.editors.unike.memory import LatentMemory, shift
 from mmke.editors.unike.tail import TailRunner
@@ -76,6 +77,52 @@ def test_intrinsic_neurons_fire_on_the_edit_and_restore_exactly(records):
     assert len(ed.layers) == 2 and all(f"patch.{l}.key" in h.tensors for l in ed.layers)
     h.remove()
     assert torch.equal(_logits(adapter, [ex, other]), before)
+
+
+@pytest.mark.parametrize("key_init", ["trained", "whitened"])
+def test_both_key_kinds_edit_and_restore_exactly(records, key_init):
+    adapter = tiny_llava()
+    ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
+    other = Example("nq question: what is the capital of france?", " paris", None)
+    before = _logits(adapter, [ex, other])
+    cfg = UniKEIntrinsicEditor.Config(**FAST, key_init=key_init, act="ramp" if key_init == "whitened" else "relu")
+    ed = UniKEIntrinsicEditor(adapter, cfg, task=TASKS["vqa"], train_records=records)
+    h = ed.edit(EditRequest(ex))
+    v = adapter.run([ex])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+    h.remove()
+    assert torch.equal(_logits(adapter, [ex, other]), before)
+    if key_init == "whitened":
+        # closed-form keys: the edit's own FFN input (unedited model) sits at similarity 1, i.e. at
+        # pre-activation (1 - lo) / (hi - lo), past the ramp's top: every neuron fires fully
+        q = ffn_inputs_at_targets(adapter, ed.layers, [ex]).q
+        for layer in ed.layers:
+            patch = EditPatch.from_state({k.split(".", 2)[2]: t for k, t in h.tensors.items()
+                                          if k.startswith(f"patch.{layer}.")}, "ramp")
+            z = patch.pre(q[layer])  # [P target positions, n neurons]; neuron j is keyed to position j mod P
+            own = z[torch.arange(z.shape[1]) % z.shape[0], torch.arange(z.shape[1])]
+            assert torch.allclose(own, torch.full_like(own, (1 - cfg.gate_lo) / (cfg.gate_hi - cfg.gate_lo)), atol=1e-3)
+            assert bool((patch(q[layer][None]) != 0).any())
+
+
+def test_whitener_is_the_ridge_inverse_of_the_target_and_every_position_scatter():
+    g = torch.Generator().manual_seed(0)
+    H = 8
+    rows = torch.randn(30, H, generator=g)  # FFN inputs at target positions
+    every = 3.0 * torch.randn(100, H, generator=g) + 1.0  # ... at every position
+    ev = every.double()
+    mem = LocalityMemory({5: rows}, [("p", "t")] * 30, torch.zeros(30), torch.zeros(30),
+                         {5: (len(every), ev.sum(0), ev.T @ ev)})
+    mu = rows.double().mean(0)
+    x = torch.cat([rows.double(), ev]) - mu
+    c = x.T @ x / (len(x) - 1)
+    want = torch.linalg.inv(c + 0.1 * c.diagonal().mean() * torch.eye(H, dtype=c.dtype))
+    assert torch.allclose(mem.whitener(5, 0.1).double(), want, atol=1e-5)
+    # without the every-position moments: the target rows' own covariance
+    plain = LocalityMemory({5: rows}, [("p", "t")] * 30, torch.zeros(30), torch.zeros(30))
+    c0 = torch.cov(rows.double().T)
+    assert torch.allclose(plain.whitener(5, 0.1).double(),
+                          torch.linalg.inv(c0 + 0.1 * c0.diagonal().mean() * torch.eye(H, dtype=c0.dtype)), atol=1e-5)
 
 
 def test_retrieval_returns_the_nearest_stored_states():

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from mmke.editors.base import EditHandle, EditRequest, read_saved_edit
 from mmke.editors.patch import PatchHooks
@@ -55,7 +55,12 @@ class UniKEConfig(TrainedEditorConfig):
     key_lr: float = 0.005  # ... and on the new keys and biases
     act_weight: float = 1.0
     margin: float = 0.25  # pre-activation the new neurons keep on the edit (activation loss)
-    act: Literal["relu", "relu2"] = "relu"  # activation of the new neurons
+    act: Literal["relu", "relu2", "ramp"] = "relu"  # activation of the new neurons
+    key_init: Literal["trained", "whitened"] = "trained"  # keys: trained from the edit's input (T-Patcher's
+    # losses) or closed-form, fixed, in the memory's whitened metric (ROME's C^-1 k; no key training)
+    whiten_ridge: float = 0.1  # whitened keys: ridge added to the covariance, times its mean variance
+    gate_lo: float = 0.25  # whitened keys: a neuron is off below this similarity to the edit (1 = the edit)
+    gate_hi: float = 0.45  # ... and, with act="ramp", fires as on the edit above this one
     shrink_to: float | None = None  # after training, shrink the new values while P(target) stays >= this
     shift_key_weight: float = 1.0  # with latent IKE: weight of the shift's direction in the initial keys
     mem_weight: float = 1.0
@@ -86,6 +91,12 @@ class UniKEConfig(TrainedEditorConfig):
     enc_batch: int = 128  # triplets per step
     enc_tau: float = 0.1  # temperature of both contrastive losses
     s_quantile: float = 0.99  # dynamic s is 0 on this fraction of unrelated inputs (calibrated floor)
+
+    @model_validator(mode="after")
+    def _gate(self):
+        if not 0.0 <= self.gate_lo < self.gate_hi <= 1.0:
+            raise ValueError("need 0 <= gate_lo < gate_hi <= 1")
+        return self
 
     @field_validator("s")
     @classmethod
@@ -226,7 +237,8 @@ class UniKEEditor(TrainedEditor):
                     self.runner, cache, patches, loc, keep, steps=cfg.steps, lr=cfg.lr, key_lr=cfg.key_lr,
                     act_weight=cfg.act_weight, margin=cfg.margin, mem_weight=cfg.mem_weight,
                     mem_margin=cfg.mem_margin, stop_loss=cfg.stop_loss, mem_tol=cfg.mem_tol,
-                    q_base=q_base, shift_weight=cfg.shift_key_weight)
+                    q_base=q_base, shift_weight=cfg.shift_key_weight,
+                    whiten=cfg.whiten_ridge if cfg.key_init == "whitened" else None, gate=(cfg.gate_lo, cfg.gate_hi))
                 if cfg.shrink_to is not None:
                     meta["value_scale"] = round(shrink_values(self.runner, cache, patches, cfg.shrink_to), 4)
                 for l, p in patches.items():

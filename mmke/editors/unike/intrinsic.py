@@ -37,7 +37,12 @@ def relu2(z: torch.Tensor) -> torch.Tensor:
     return F.relu(z).square()
 
 
-ACTIVATIONS = {"relu": F.relu, "relu2": relu2}
+def ramp(z: torch.Tensor) -> torch.Tensor:
+    """ReLU capped at 1: inputs past the upper threshold fire exactly as the edit does."""
+    return z.clamp(0.0, 1.0)
+
+
+ACTIVATIONS = {"relu": F.relu, "relu2": relu2, "ramp": ramp}
 
 
 class EditPatch(FFNPatch):
@@ -86,9 +91,32 @@ class LocalityMemory:
     owner: list[tuple[str, str]]  # row -> (prompt, target) of its input
     top1: torch.Tensor  # [N_pos] the unedited model's prediction at the row
     gold: torch.Tensor  # [N_pos] the input's own target token at the row
+    # layer -> (count, sum [H], sum of outer products [H, H]) of the FFN inputs at *every* position
+    # of the memory inputs (float64): what the whitened keys must also stay silent on
+    moments: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = None
 
     def center(self, layer: int) -> torch.Tensor:
         return self.q[layer].mean(0)
+
+    def whitener(self, layer: int, ridge: float) -> torch.Tensor:
+        """(C + ridge * mean variance * I)^-1 [H, H]: the metric in which a key tells the edit from
+        the memory's typical variation (ROME's C^-1 k). C is the scatter around the target rows'
+        mean of the target rows and of every position of the memory inputs (:attr:`moments`): a
+        key in this metric is silent on prompt and answer tokens as well, not only on the
+        positions that predict a target."""
+        cached = getattr(self, "_whiteners", {})
+        if (layer, ridge) not in cached:
+            x = self.q[layer].double()
+            mu = x.mean(0)
+            n, c = len(x), (x - mu).T @ (x - mu)
+            if self.moments is not None:  # the scatter of every position around the same mean
+                m, s1, s2 = self.moments[layer]
+                n, c = n + m, c + s2 - torch.outer(mu, s1) - torch.outer(s1, mu) + m * torch.outer(mu, mu)
+            c = c / max(n - 1, 1)
+            eye = torch.eye(c.shape[0], dtype=c.dtype)
+            cached[(layer, ridge)] = torch.linalg.inv(c + ridge * c.diagonal().mean() * eye).float()
+            self._whiteners = cached
+        return cached[(layer, ridge)]
 
     def rows_to_keep(self, prompt: str, target: str, target_ids: torch.Tensor, skip_same: str) -> torch.Tensor:
         """Rows the new neurons must stay silent on: not the edit input's own, and none where the
@@ -108,6 +136,7 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
     owner: list[tuple[str, str]] = []
     top1: list[torch.Tensor] = []
     gold: list[torch.Tensor] = []
+    moments = {l: [0, 0.0, 0.0] for l in layers}
     box: dict[int, torch.Tensor] = {}
     hooks = [adapter.site(f"lm.ffn_key.{l}").register_forward_pre_hook(
         lambda _m, args, l=l: box.__setitem__(l, args[0].detach())) for l in layers]
@@ -119,9 +148,18 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
                 batch = adapter.prepare(sub).to(adapter.device)
                 view = adapter.target_view(batch)
                 pos, _, mask = target_positions(batch.labels.to(adapter.device))
+                attn = batch.inputs.get("attention_mask")
                 for l in layers:
                     q = box[l].gather(1, pos.unsqueeze(-1).expand(-1, -1, box[l].shape[-1]))
                     qs[l].append(q[mask].float())
+                    every = box[l]
+                    every = every[attn.bool()] if attn is not None and attn.shape == every.shape[:2] \
+                        else every.reshape(-1, every.shape[-1])
+                    every = every.double()
+                    mo = moments[l]
+                    mo[0] += len(every)
+                    mo[1] = mo[1] + every.sum(0)
+                    mo[2] = mo[2] + every.T @ every
                 top1.append(view.logits.argmax(-1)[mask.to(view.logits.device)].cpu())
                 gold.append(view.target_ids[mask.to(view.logits.device)].cpu())
                 for b, ex in enumerate(sub):
@@ -129,7 +167,8 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
     finally:
         for h in hooks:
             h.remove()
-    return LocalityMemory({l: torch.cat(v, 0) for l, v in qs.items()}, owner, torch.cat(top1), torch.cat(gold))
+    return LocalityMemory({l: torch.cat(v, 0) for l, v in qs.items()}, owner, torch.cat(top1), torch.cat(gold),
+                          {l: (m[0], m[1].cpu(), m[2].cpu()) for l, m in moments.items()})
 
 
 @torch.no_grad()
@@ -149,30 +188,45 @@ def record_ffn_inputs(runner: TailRunner, cache: TailCache, patches: dict[int, E
 @torch.no_grad()
 def init_patches(patches: dict[int, EditPatch], pos: torch.Tensor, memory: dict[int, torch.Tensor] | None,
                  center: dict[int, torch.Tensor] | None, margin: float,
-                 q_base: dict[int, torch.Tensor] | None = None, shift_weight: float = 0.0) -> None:
+                 q_base: dict[int, torch.Tensor] | None = None, shift_weight: float = 0.0,
+                 whiten: dict[int, torch.Tensor] | None = None, gate: tuple[float, float] = (0.25, 0.45)) -> None:
     """Keys from the edit's recorded FFN inputs at ``pos`` (its target-predicting positions [P]),
     centred on the locality memory's mean; neuron j takes position j mod P. Each bias sits halfway
     between the edit's pre-activation (about 1) and the highest one over the memory rows
     ``memory[layer]`` [N, H], but at most 1 - ``margin``: the neuron fires on the edit and, where
-    the key alone can tell them apart, on no memory row."""
+    the key alone can tell them apart, on no memory row.
+
+    ``whiten`` (layer -> (C + ridge I)^-1 [H, H], :meth:`LocalityMemory.whitener`) gives closed-form
+    keys instead: neuron j's pre-activation is (sim - lo) / (hi - lo) with sim = (q - mu) W u_j /
+    (u_j W u_j) the whitened similarity to the edit's own input u_j (1 at the edit) and
+    ``gate`` = (lo, hi); with the ``ramp`` activation the neuron is off below lo and fires fully
+    above hi."""
     for layer, p in patches.items():
         q = p.recorded["q"][0, pos].float()  # [P, H]
         mu = center[layer].to(q) if center is not None else torch.zeros_like(q[0])
         u = q - mu  # [P, H]
         n = p.key.shape[1]
-        g = torch.Generator().manual_seed(layer)
         own = torch.arange(n) % u.shape[0]  # neuron -> its position
+        p.center.copy_(mu)
+        p.value.zero_()
+        if whiten is not None:
+            lo, hi = gate
+            k = u[own] @ whiten[layer].to(u)  # [n, H] (W is symmetric)
+            k = k / (u[own] * k).sum(-1, keepdim=True)
+            p.scale.fill_(1.0 / (hi - lo))
+            p.key.copy_(k.t())
+            p.bias.fill_(-lo / (hi - lo))
+            continue
+        g = torch.Generator().manual_seed(layer)
         dirs = F.normalize(u[own], dim=-1) + 0.05 * torch.randn(n, u.shape[1], generator=g) / u.shape[1] ** 0.5
         if q_base is not None and shift_weight > 0:
             # what latent IKE added to the edit's FFN inputs: inputs it leaves alone (s ~ 0) lack it
             d = q - q_base[layer][0, pos].float().to(q)  # [P, H]
             if bool((d.norm(dim=-1) > 1e-3 * u.norm(dim=-1)).all()):
                 dirs = dirs + shift_weight * F.normalize(d[own], dim=-1)
-        p.center.copy_(mu)
         p.scale.copy_(1.0 / u.norm(dim=-1).mean().clamp(min=1e-6))
         p.key.copy_(F.normalize(dirs, dim=-1).t())
         p.bias.zero_()
-        p.value.zero_()
         z_edit = p.pre(q)[own, torch.arange(n)]  # [n]
         bias = z_edit - margin
         if memory is not None and len(memory[layer]):
@@ -185,9 +239,12 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
                   memory: LocalityMemory | None, keep_rows: torch.Tensor | None, *, steps: int, lr: float, key_lr: float,
                   act_weight: float, margin: float, mem_weight: float, mem_margin: float,
                   stop_loss: float, mem_tol: float = 0.0, q_base: dict[int, torch.Tensor] | None = None,
-                  shift_weight: float = 0.0) -> tuple[int, float]:
+                  shift_weight: float = 0.0, whiten: float | None = None,
+                  gate: tuple[float, float] = (0.25, 0.45)) -> tuple[int, float]:
     """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, NLL).
-    ``q_base``: the edit's FFN inputs without latent IKE (:func:`init_patches`)."""
+    ``q_base``: the edit's FFN inputs without latent IKE (:func:`init_patches`). ``whiten`` (the
+    ridge of :meth:`LocalityMemory.whitener`): closed-form keys, fixed; only the values train (the
+    activation and memory losses, which move keys, are off)."""
     pos = target_positions(cache.labels)[0][0]  # [P] positions predicting the target tokens
     for p in patches.values():
         p.record = True
@@ -195,17 +252,22 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
         runner.run(cache)  # records each layer's FFN inputs (values are still 0: no effect)
     mem = {l: memory.q[l][keep_rows] if keep_rows is not None else memory.q[l] for l in patches} \
         if memory is not None else None
+    if whiten is not None and memory is None:
+        raise ValueError("whitened keys need the locality memory (train records)")
+    W = {l: memory.whitener(l, whiten) for l in patches} if whiten is not None else None
     init_patches(patches, pos, mem, {l: memory.center(l) for l in patches} if memory is not None else None,
-                 margin, q_base, shift_weight)
-    if mem_weight <= 0:
+                 margin, q_base, shift_weight, whiten=W, gate=gate)
+    if mem_weight <= 0 or W is not None:
         mem = None
-    keys = [t for p in patches.values() for t in (p.key, p.bias)]
+    if W is not None:
+        act_weight = 0.0
+    keys = [t for p in patches.values() for t in (p.key, p.bias)] if W is None else []
     values = [p.value for p in patches.values()]
     params = keys + values
     for t in params:
         t.requires_grad_(True)
     # keys are unit vectors (entries ~ H^-1/2): they move far slower than the values
-    opt = torch.optim.Adam([{"params": values, "lr": lr}, {"params": keys, "lr": key_lr}])
+    opt = torch.optim.Adam([{"params": values, "lr": lr}] + ([{"params": keys, "lr": key_lr}] if keys else []))
     step, nll_v = 0, float("nan")
     try:
         with torch.enable_grad():
@@ -218,7 +280,7 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
                 nll_v = float(nll.detach())
                 log.debug("step %d: nll %.4f act %.4f mem %.5f", step, nll_v, float(loss_act.detach()),
                           float(loss_mem.detach()))
-                if nll_v < stop_loss and float(loss_act.detach()) == 0.0 and float(loss_mem.detach()) <= mem_tol:
+                if nll_v < stop_loss and (act_weight == 0 or float(loss_act.detach()) == 0.0) and float(loss_mem.detach()) <= mem_tol:
                     break
                 # the NLL is a hinge at stop_loss: once the target is reached the values stop growing
                 # (over-confident values flip other inputs on the faintest activation)
