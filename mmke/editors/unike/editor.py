@@ -55,9 +55,9 @@ class UniKEConfig(TrainedEditorConfig):
     key_lr: float = 0.005  # ... and on the new keys and biases
     act_weight: float = 1.0
     margin: float = 0.25  # pre-activation the new neurons keep on the edit (activation loss)
-    act: Literal["relu", "relu2", "ramp"] = "relu"  # activation of the new neurons
-    key_init: Literal["trained", "whitened"] = "trained"  # keys: trained from the edit's input (T-Patcher's
-    # losses) or closed-form, fixed, in the memory's whitened metric (ROME's C^-1 k; no key training)
+    act: Literal["relu", "relu2", "ramp"] = "ramp"  # activation of the new neurons
+    key_init: Literal["trained", "whitened"] = "whitened"  # keys: closed-form, fixed, in the locality memory's
+    # whitened metric (ROME's C^-1 k), or trained from the edit's input with T-Patcher's losses
     whiten_ridge: float = 0.1  # whitened keys: ridge added to the covariance, times its mean variance
     gate_lo: float = 0.25  # whitened keys: a neuron is off below this similarity to the edit (1 = the edit)
     gate_hi: float = 0.45  # ... and, with act="ramp", fires as on the edit above this one
@@ -172,9 +172,11 @@ class UniKEEditor(TrainedEditor):
 
     # ---- locality memory of the new neurons ---------------------------------------------
     def _locality_examples(self, records: list) -> list:
-        if not self.config.intrinsic or not records or self.config.mem_weight <= 0:
+        if not self.config.intrinsic or not records or (self.config.mem_weight <= 0
+                                                        and self.config.key_init != "whitened"):
             if self.config.intrinsic and not records:
-                log.warning("%s: no train records, so no memory loss (new neurons may fire elsewhere)", self.name)
+                log.warning("%s: no train records, so no locality memory: keys are trained from the edit "
+                            "alone (new neurons may fire elsewhere)", self.name)
             return []
         if self.task is None:
             raise ValueError(f"{self.name} needs the task to template its locality memory")
@@ -230,6 +232,8 @@ class UniKEEditor(TrainedEditor):
                 if cfg.zeta != "none":
                     self._set_offsets(patches, retrieved)
                 keep = None
+                whiten = cfg.whiten_ridge if cfg.key_init == "whitened" and loc is not None else None
+                meta["key_init"] = "whitened" if whiten is not None else "trained"
                 if loc is not None:
                     tids = target_positions(cache.labels)[1][0]
                     keep = loc.rows_to_keep(ex.prompt, ex.target, tids, cfg.mem_skip_same)
@@ -238,7 +242,7 @@ class UniKEEditor(TrainedEditor):
                     act_weight=cfg.act_weight, margin=cfg.margin, mem_weight=cfg.mem_weight,
                     mem_margin=cfg.mem_margin, stop_loss=cfg.stop_loss, mem_tol=cfg.mem_tol,
                     q_base=q_base, shift_weight=cfg.shift_key_weight,
-                    whiten=cfg.whiten_ridge if cfg.key_init == "whitened" else None, gate=(cfg.gate_lo, cfg.gate_hi))
+                    whiten=whiten, gate=(cfg.gate_lo, cfg.gate_hi))
                 if cfg.shrink_to is not None:
                     meta["value_scale"] = round(shrink_values(self.runner, cache, patches, cfg.shrink_to), 4)
                 for l, p in patches.items():

@@ -14,6 +14,15 @@ Training minimises the target NLL (through :class:`~mmke.editors.unike.tail.Tail
 last L layers only) plus T-Patcher's optional activation loss (each neuron's peak pre-activation on
 the edit's target positions reaches ``margin``) and memory loss (pre-activations on the locality
 memory, FFN inputs of other train-split inputs, stay below ``-mem_margin``).
+
+Whitened keys (``key_init="whitened"``) replace the key training by a closed form: the key is
+W u / (u W u), u the edit's centred FFN input and W = (C + ridge I)^-1 the inverse scatter of the
+locality memory (ROME's C^-1 k), so a neuron reads "how much of the edit's *unusual* direction an
+input has" (1 at the edit). In the raw metric other questions of the same template as the edit sit
+almost as close as its paraphrases; in the whitened one they separate (docs/RESULTS.md). The scatter
+covers every token position of the memory inputs, not only the answer-predicting ones, so prompt
+and answer tokens stay silent too. A ramp (off below ``lo``, full above ``hi``) turns the
+similarity into the activation; only the values are trained.
 """
 
 from __future__ import annotations
