@@ -105,6 +105,21 @@ def test_both_key_kinds_edit_and_restore_exactly(records, key_init):
             assert bool((patch(q[layer][None]) != 0).any())
 
 
+def test_without_train_records_keys_fall_back_to_training(records):
+    adapter = tiny_llava()
+    ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
+    ed = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**FAST), task=TASKS["vqa"], train_records=None)
+    h = ed.edit(EditRequest(ex))  # no locality memory to whiten with: keys trained from the edit
+    assert h.meta["key_init"] == "trained"
+    v = adapter.run([ex])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+    h.remove()
+    h = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**FAST), task=TASKS["vqa"],
+                             train_records=records).edit(EditRequest(ex))
+    assert h.meta["key_init"] == "whitened"
+    h.remove()
+
+
 def test_whitener_is_the_ridge_inverse_of_the_target_and_every_position_scatter():
     g = torch.Generator().manual_seed(0)
     H = 8
