@@ -6,7 +6,7 @@ inference with one edit applied relative to the unedited model.
 
 The floor is measured in the same run, on the same edited model and the same five inputs: the
 model's forward pass alone (inputs already tokenised and collated), no metric computation. The
-unedited forward time is the same measurement before the edit is applied, so "edited / unedited"
+unedited forward time is the same measurement with the edit removed, so "edited / unedited"
 is the inference overhead an applied edit adds (hooks, extra neurons, routing, longer contexts).
 Both are the median of ``--repeats`` passes, edited and unedited alternately (the edit is removed
 and put back through save + load, the public contract), so that load from other processes hits

@@ -28,7 +28,7 @@ similarity into the activation; only the values are trained.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -103,6 +103,7 @@ class LocalityMemory:
     # layer -> (count, sum [H], sum of outer products [H, H]) of the FFN inputs at *every* position
     # of the memory inputs (float64): what the whitened keys must also stay silent on
     moments: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = None
+    _whiteners: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def center(self, layer: int) -> torch.Tensor:
         return self.q[layer].mean(0)
@@ -113,7 +114,7 @@ class LocalityMemory:
         mean of the target rows and of every position of the memory inputs (:attr:`moments`): a
         key in this metric is silent on prompt and answer tokens as well, not only on the
         positions that predict a target."""
-        cached = getattr(self, "_whiteners", {})
+        cached = self._whiteners
         if (layer, ridge) not in cached:
             x = self.q[layer].double()
             mu = x.mean(0)
@@ -124,7 +125,6 @@ class LocalityMemory:
             c = c / max(n - 1, 1)
             eye = torch.eye(c.shape[0], dtype=c.dtype)
             cached[(layer, ridge)] = torch.linalg.inv(c + ridge * c.diagonal().mean() * eye).float()
-            self._whiteners = cached
         return cached[(layer, ridge)]
 
     def rows_to_keep(self, prompt: str, target: str, target_ids: torch.Tensor, skip_same: str) -> torch.Tensor:
@@ -289,7 +289,8 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
                 nll_v = float(nll.detach())
                 log.debug("step %d: nll %.4f act %.4f mem %.5f", step, nll_v, float(loss_act.detach()),
                           float(loss_mem.detach()))
-                if nll_v < stop_loss and (act_weight == 0 or float(loss_act.detach()) == 0.0) and float(loss_mem.detach()) <= mem_tol:
+                act_met = act_weight == 0 or float(loss_act.detach()) == 0.0
+                if nll_v < stop_loss and act_met and float(loss_mem.detach()) <= mem_tol:
                     break
                 # the NLL is a hinge at stop_loss: once the target is reached the values stop growing
                 # (over-confident values flip other inputs on the faintest activation)
