@@ -60,36 +60,23 @@ def test_tail_runner_matches_the_full_forward(build):
     assert torch.allclose(runner.run(cache).logits, full.logits, atol=1e-5)
 
 
-def test_intrinsic_neurons_fire_on_the_edit_and_restore_exactly(records):
+@pytest.mark.parametrize("key_init", ["trained", "whitened"])
+def test_intrinsic_neurons_fire_on_the_edit_and_restore_exactly(records, key_init):
     adapter = tiny_llava()
     ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
     other = Example("nq question: what is the capital of france?", " paris", None)
     before = _logits(adapter, [ex, other])
     nll0 = target_nll(adapter.run([ex])).item()
-    ed = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**FAST), task=TASKS["vqa"],
-                              train_records=records)
+    cfg = UniKEIntrinsicEditor.Config(**FAST, key_init=key_init)
+    ed = UniKEIntrinsicEditor(adapter, cfg, task=TASKS["vqa"], train_records=records)
     assert ed.memory is None  # the intrinsic variant needs no trained weights
     h = ed.edit(EditRequest(ex))
+    assert h.meta["key_init"] == key_init and h.meta["act"] == ("ramp" if key_init == "whitened" else "relu")
     with torch.no_grad():
         v = adapter.run([ex])
     assert target_nll(v).item() < nll0 - 1.0
     assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
     assert len(ed.layers) == 2 and all(f"patch.{l}.key" in h.tensors for l in ed.layers)
-    h.remove()
-    assert torch.equal(_logits(adapter, [ex, other]), before)
-
-
-@pytest.mark.parametrize("key_init", ["trained", "whitened"])
-def test_both_key_kinds_edit_and_restore_exactly(records, key_init):
-    adapter = tiny_llava()
-    ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
-    other = Example("nq question: what is the capital of france?", " paris", None)
-    before = _logits(adapter, [ex, other])
-    cfg = UniKEIntrinsicEditor.Config(**FAST, key_init=key_init, act="ramp" if key_init == "whitened" else "relu")
-    ed = UniKEIntrinsicEditor(adapter, cfg, task=TASKS["vqa"], train_records=records)
-    h = ed.edit(EditRequest(ex))
-    v = adapter.run([ex])
-    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
     h.remove()
     assert torch.equal(_logits(adapter, [ex, other]), before)
     if key_init == "whitened":
@@ -98,25 +85,21 @@ def test_both_key_kinds_edit_and_restore_exactly(records, key_init):
         q = ffn_inputs_at_targets(adapter, ed.layers, [ex]).q
         for layer in ed.layers:
             patch = EditPatch.from_state({k.split(".", 2)[2]: t for k, t in h.tensors.items()
-                                          if k.startswith(f"patch.{layer}.")}, "ramp")
+                                          if k.startswith(f"patch.{layer}.")}, h.meta["act"])
             z = patch.pre(q[layer])  # [P target positions, n neurons]; neuron j is keyed to position j mod P
             own = z[torch.arange(z.shape[1]) % z.shape[0], torch.arange(z.shape[1])]
             assert torch.allclose(own, torch.full_like(own, (1 - cfg.gate_lo) / (cfg.gate_hi - cfg.gate_lo)), atol=1e-3)
             assert bool((patch(q[layer][None]) != 0).any())
 
 
-def test_without_train_records_keys_fall_back_to_training(records):
+def test_without_train_records_keys_fall_back_to_training():
     adapter = tiny_llava()
     ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
     ed = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**FAST), task=TASKS["vqa"], train_records=None)
     h = ed.edit(EditRequest(ex))  # no locality memory to whiten with: keys trained from the edit
-    assert h.meta["key_init"] == "trained"
+    assert h.meta["key_init"] == "trained" and h.meta["act"] == "relu"
     v = adapter.run([ex])
     assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
-    h.remove()
-    h = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**FAST), task=TASKS["vqa"],
-                             train_records=records).edit(EditRequest(ex))
-    assert h.meta["key_init"] == "whitened"
     h.remove()
 
 
@@ -206,15 +189,19 @@ def trained_dir(records, tmp_path_factory):
     """A UniKE weights directory for tiny LLaVA, trained by the real recipe on the toy records."""
     from mmke.train.editors import EditorTrainConfig
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MMKE_CACHE", str(tmp_path_factory.mktemp("cache")))  # the triplet cache goes there
-    adapter = tiny_llava()
-    cfg = UniKEConfig(**FAST, k=4, memory_entries=8, enc_steps=20, enc_batch=8)
-    ed = UniKEEditor(adapter, cfg, task=TASKS["vqa"], train_records=records, untrained=True, model_name="tiny-llava")
-    out = tmp_path_factory.mktemp("unike-weights")
-    meta = ed.fit(records, out, EditorTrainConfig(val_size=1, seed=0), command="test")
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMKE_CACHE", str(tmp_path_factory.mktemp("cache")))  # the triplet cache goes there
+        adapter = tiny_llava()
+        cfg = UniKEConfig(**FAST, k=4, memory_entries=8, enc_steps=20, enc_batch=8)
+        ed = UniKEEditor(adapter, cfg, task=TASKS["vqa"], train_records=records, untrained=True,
+                         model_name="tiny-llava")
+        out = tmp_path_factory.mktemp("unike-weights")
+        try:
+            meta = ed.fit(records, out, EditorTrainConfig(val_size=1, seed=0), command="test")
+        finally:
+            torch.set_num_threads(threads)
     assert (out / "memory.safetensors").exists() and (out / "CARD.md").exists()
     assert meta["encoders"]["after"]["tru_acc"] >= 0.0 and set(meta["validation"]) >= {"reliability"}
     return out

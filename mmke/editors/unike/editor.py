@@ -55,7 +55,8 @@ class UniKEConfig(TrainedEditorConfig):
     key_lr: float = 0.005  # ... and on the new keys and biases
     act_weight: float = 1.0
     margin: float = 0.25  # pre-activation the new neurons keep on the edit (activation loss)
-    act: Literal["relu", "relu2", "ramp"] = "ramp"  # activation of the new neurons
+    act: Literal["relu", "relu2", "ramp"] | None = None  # activation of the new neurons; None: "ramp"
+    # with whitened keys, "relu" (T-Patcher's) with trained ones
     key_init: Literal["trained", "whitened"] = "whitened"  # keys: closed-form, fixed, in the locality memory's
     # whitened metric (ROME's C^-1 k), or trained from the edit's input with T-Patcher's losses
     whiten_ridge: float = 0.1  # whitened keys: ridge added to the covariance, times its mean variance
@@ -196,10 +197,13 @@ class UniKEEditor(TrainedEditor):
         cfg = self.config
         undo: list = []
         tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"layers": self.layers, "s": cfg.s, "external": cfg.external,
-                                "intrinsic": cfg.intrinsic, "zeta": cfg.zeta, "act": cfg.act}
         ike_handle = None
         loc = self.locality()  # built once, before anything of this edit (an IKE prompt) is installed
+        # whitened keys need the locality memory; without train records the keys are trained
+        whiten = cfg.whiten_ridge if cfg.key_init == "whitened" and loc is not None else None
+        act = cfg.act or ("ramp" if whiten is not None else "relu")
+        meta: dict[str, Any] = {"layers": self.layers, "s": cfg.s, "external": cfg.external,
+                                "intrinsic": cfg.intrinsic, "zeta": cfg.zeta, "act": act}
         try:
             if self.ike is not None:
                 ike_handle = self.ike.edit(request)
@@ -221,10 +225,10 @@ class UniKEEditor(TrainedEditor):
             patches: dict[int, EditPatch] = {}
             q_base = None
             if cfg.intrinsic:
-                patches = {l: EditPatch(self.ffn_width(l), cfg.n_neurons, seed=cfg.seed + l, act=cfg.act)
+                patches = {l: EditPatch(self.ffn_width(l), cfg.n_neurons, seed=cfg.seed + l, act=act)
                            .to(self.adapter.device) for l in self.layers}
                 undo.append(PatchHooks(self.adapter, patches).remove)
-                if cfg.external == "latent":
+                if cfg.external == "latent" and whiten is None:  # trained keys start from the shift
                     q_base = record_ffn_inputs(self.runner, cache, patches)  # before the shift
             if cfg.external == "latent":
                 undo.append(self._install_latent(tensors).remove)
@@ -232,9 +236,8 @@ class UniKEEditor(TrainedEditor):
                 if cfg.zeta != "none":
                     self._set_offsets(patches, retrieved)
                 keep = None
-                whiten = cfg.whiten_ridge if cfg.key_init == "whitened" and loc is not None else None
                 meta["key_init"] = "whitened" if whiten is not None else "trained"
-                if loc is not None:
+                if loc is not None and whiten is None:  # rows for the memory loss of trained keys
                     tids = target_positions(cache.labels)[1][0]
                     keep = loc.rows_to_keep(ex.prompt, ex.target, tids, cfg.mem_skip_same)
                 steps, nll = train_patches(

@@ -245,8 +245,8 @@ def init_patches(patches: dict[int, EditPatch], pos: torch.Tensor, memory: dict[
 
 
 def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditPatch],
-                  memory: LocalityMemory | None, keep_rows: torch.Tensor | None, *, steps: int, lr: float, key_lr: float,
-                  act_weight: float, margin: float, mem_weight: float, mem_margin: float,
+                  memory: LocalityMemory | None, keep_rows: torch.Tensor | None, *, steps: int, lr: float,
+                  key_lr: float, act_weight: float, margin: float, mem_weight: float, mem_margin: float,
                   stop_loss: float, mem_tol: float = 0.0, q_base: dict[int, torch.Tensor] | None = None,
                   shift_weight: float = 0.0, whiten: float | None = None,
                   gate: tuple[float, float] = (0.25, 0.45)) -> tuple[int, float]:

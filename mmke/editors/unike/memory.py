@@ -57,6 +57,7 @@ class LatentMemory:
         self.sem, self.pos, self.neg = (t.detach().cpu().half() for t in (self.sem, self.pos, self.neg))
         self.mean = self.sem.float().mean(1)  # [L, H]
         self._sem_unit = F.normalize(self.sem.float() - self.mean[:, None], dim=-1)  # [L, N, H]
+        self._digest: str | None = None
 
     def __len__(self) -> int:
         return int(self.sem.shape[1])
@@ -72,10 +73,13 @@ class LatentMemory:
         return (self._sem_unit[i] @ q).topk(min(k, len(self))).indices.tolist()
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for t in (self.sem, self.pos, self.neg):
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        """Content hash (the states never change after construction: computed once)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for t in (self.sem, self.pos, self.neg):
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def save(self, d: str | Path) -> None:
         d = Path(d)
