@@ -38,7 +38,7 @@ from mmke.editors.trained import save_weights
 from mmke.editors.unike.encoders import UniKEEncoders, semantic_loss, supcon_loss
 from mmke.editors.unike.memory import LatentMemory, shift, site_outputs
 from mmke.eval.protocol import INPUT_KINDS, case_inputs
-from mmke.models.base import Example, ModelAdapter, target_positions
+from mmke.models.base import Example, ModelAdapter, state_digest, target_positions
 from mmke.paths import cache_dir
 from mmke.progress import progress
 
@@ -117,8 +117,6 @@ def collect_triplets(adapter: ModelAdapter, task, records: list, layers: list[in
 
 
 def _triplet_cache(adapter: ModelAdapter, model_name: str, task, records: list, layers: list[int], site: str) -> Path:
-    from mmke.models.base import state_digest
-
     key = json.dumps([TRIPLETS_VERSION, model_name, state_digest(adapter.model), task.name, layers, site,
                       [(r.src, r.alt, str(r.image)) for r in records]])
     return cache_dir() / "unike" / f"triplets-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
