@@ -191,6 +191,7 @@ def trained_dir(records, tmp_path_factory):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the encoders' initialisation: a deterministic fixture
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMKE_CACHE", str(tmp_path_factory.mktemp("cache")))  # the triplet cache goes there
         adapter = tiny_llava()
