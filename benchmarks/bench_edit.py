@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mmke.editors.base import EditRequest
-from mmke.eval.protocol import INPUT_KINDS, case_inputs
+from mmke.scoring import INPUT_KINDS, case_inputs
 from mmke.eval.runner import Run, RunConfig
 from mmke.registry import load_model
 from mmke.tasks import TASKS

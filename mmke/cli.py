@@ -66,19 +66,28 @@ def _parse_sets(sets: list[str]) -> dict:
 def data_build(
     out: Optional[Path] = typer.Option(None, help="output directory (default: the cache location "
                                                    "`mmke run` uses)"),
+    version: str = typer.Option("2", "--version", help="benchmark version: 2 (leak-free, balanced; "
+                                                     "the default) or 1 (the original)"),
     seed: int = typer.Option(0, help="selection seed; same seed, same files"),
-    counterfactual: bool = typer.Option(False, help="targets are chosen wrong answers on cases the "
-                                                    "model gets right"),
-    n_eval: Optional[int] = typer.Option(None, help="cap on eval records per task"),
+    counterfactual: bool = typer.Option(False, help="version 1 only: targets are chosen wrong "
+                                                    "answers on cases the model gets right"),
+    n_eval: Optional[int] = typer.Option(None, help="eval records per task (version 1: a cap, "
+                                                    "default all; version 2: default 1000 / 500)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Build E-VQA-lite and E-IC-lite (train + eval) from the easy-vqa package."""
     _setup_logging(verbose)
+    if version.strip() not in ("1", "2"):
+        typer.secho(f"error: --version must be 1 or 2, got {version!r}", fg="red", err=True)
+        raise typer.Exit(2)
     from mmke.data.build import build_benchmark
     from mmke.data.bundled import default_benchmark_dir
 
-    out = out or default_benchmark_dir(seed, counterfactual)
-    manifest = build_benchmark(out, seed=seed, counterfactual=counterfactual, n_eval=n_eval)
+    v = int(version)
+    with _user_errors():
+        out = out or default_benchmark_dir(seed, counterfactual, v)
+        manifest = build_benchmark(out, version=v, seed=seed, counterfactual=counterfactual,
+                                   n_eval=n_eval)
     console.print(f"wrote the benchmark to [bold]{out}[/bold]")
     console.print_json(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
 
@@ -126,15 +135,39 @@ def run_cmd(
 @app.command("report")
 def report_cmd(
     dirs: List[Path] = typer.Argument(..., help="run directories (or parents of run directories)"),
-    fmt: str = typer.Option("markdown", "--format", help="markdown or html"),
+    fmt: str = typer.Option("markdown", "--format", help="markdown or html (a standalone page)"),
     exact_match: bool = typer.Option(False, help="report exact match instead of token accuracy"),
     reference: bool = typer.Option(False, help="append the papers' numbers as labelled reference rows"),
+    compact: bool = typer.Option(False, help="the paper's layout: both tasks side by side, no intervals"),
+    out: Optional[Path] = typer.Option(None, help="write the report to this file instead of printing it"),
 ) -> None:
-    """Print the paper-style table: methods as rows, E-VQA and E-IC column groups."""
+    """Tables of runs: one per task, every cell with its 95% bootstrap interval over cases."""
     from mmke.eval.report import collect, render
 
     with _user_errors():
-        typer.echo(render(collect(dirs), fmt=fmt, exact_match=exact_match, reference=reference))
+        text = render(collect(dirs), fmt=fmt, exact_match=exact_match, reference=reference, compact=compact)
+    if out is None:
+        typer.echo(text)
+        return
+    from mmke.io import atomic_write_text
+
+    atomic_write_text(out, text)
+    console.print(f"wrote {out}")
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="run directory A"),
+    run_b: Path = typer.Argument(..., help="run directory B"),
+    exact_match: bool = typer.Option(False, help="compare exact match instead of token accuracy"),
+    as_json: bool = typer.Option(False, "--json", help="print the numbers as JSON"),
+) -> None:
+    """Paired differences A - B on the shared cases: per metric, a 95% bootstrap interval and a p-value."""
+    from mmke.eval.report import compare, render_compare
+
+    with _user_errors():
+        c = compare(run_a, run_b, exact_match=exact_match)
+    typer.echo(json.dumps(c, indent=1) if as_json else render_compare(c))
 
 
 @app.command("train")

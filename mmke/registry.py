@@ -21,6 +21,8 @@ class Entry:
 
 
 METHODS: dict[str, Entry] = {e.name: e for e in [
+    Entry("null", "mmke.editors.null:NullEditor",
+          "changes nothing: the unedited model, and the protocol's check (locality exactly 1)"),
     Entry("ft-lm", "mmke.editors.ft:FTEditor", "fine-tune the last LM FFN layer on the edit"),
     Entry("ft-vision", "mmke.editors.ft:FTVisionEditor", "fine-tune the vision tower and connector on the edit"),
     Entry("ike", "mmke.editors.ike:IKEEditor", "in-context editing with k retrieved demonstrations"),

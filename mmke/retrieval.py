@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from mmke.io import atomic_save_safetensors
 from mmke.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,13 @@ def embed(texts: Sequence[str], *, cache: bool = True) -> torch.Tensor:
     f = cache_dir() / "embeddings" / f"minilm-{key}.safetensors"
     if cache and f.exists():
         return load_file(str(f))["e"]
+    if len(texts) > 256:
+        log.info("embedding %d texts with all-MiniLM-L6-v2 (cached afterwards)", len(texts))
     e = _encoder().encode(list(texts), batch_size=64, convert_to_tensor=True,
-                          normalize_embeddings=True, show_progress_bar=len(texts) > 256)
+                          normalize_embeddings=True, show_progress_bar=False)
     e = e.float().cpu()
     if cache:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"e": e.contiguous()}, str(f))
+        atomic_save_safetensors({"e": e}, f)
     return e
 
 

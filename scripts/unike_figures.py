@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mmke.eval.metrics import METRICS
+from mmke.scoring import METRICS
 from mmke.eval.runner import Run, RunConfig
 from mmke.registry import load_model
 

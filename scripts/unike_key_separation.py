@@ -26,7 +26,7 @@ import torch
 
 from mmke.data.schema import load_records
 from mmke.editors.unike.intrinsic import ffn_inputs_at_targets
-from mmke.eval.protocol import case_inputs
+from mmke.scoring import case_inputs
 from mmke.eval.runner import Run, RunConfig
 from mmke.models.base import target_positions
 from mmke.registry import load_model

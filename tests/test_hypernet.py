@@ -11,7 +11,7 @@ from mmke.data.schema import load_records
 from mmke.editors.base import EditRequest
 from mmke.editors.ke import KEConfig, KEEditor
 from mmke.editors.mend import MENDConfig, MENDEditor, MENDVisionConfig, MENDVisionEditor
-from mmke.eval.protocol import INPUT_KINDS
+from mmke.scoring import INPUT_KINDS
 from mmke.models.base import state_digest, target_nll
 from mmke.models.tiny import tiny_blip2, tiny_llava
 from mmke.tasks import TASKS

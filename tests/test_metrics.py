@@ -2,7 +2,7 @@
 
 import torch
 
-from mmke.eval.metrics import agreement, exact_match, token_accuracy, topk_agreement
+from mmke.scoring import agreement, exact_match, token_accuracy, topk_agreement
 from mmke.models.base import TargetView, target_nll, target_view
 
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from mmke.data.schema import load_records
 from mmke.editors.base import EditRequest
 from mmke.editors.serac import SERACConfig, SERACEditor
-from mmke.eval.protocol import INPUT_KINDS
+from mmke.scoring import INPUT_KINDS
 from mmke.models.base import target_nll
 from mmke.models.tiny import tiny_blip2, tiny_llava
 from mmke.tasks import TASKS

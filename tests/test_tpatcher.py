@@ -62,3 +62,32 @@ def test_sequential_patches_accumulate_and_unwind():
     h1.remove()
     with torch.no_grad():
         assert torch.equal(adapter.run([a, b]).logits, before)
+
+
+def test_one_neuron_per_mistake_at_its_position():
+    """The paper's rule: as many neurons as wrongly predicted target tokens (capped), each keyed
+    to the FFN input at its own mistake's position; a correct prediction adds none."""
+    adapter = tiny_llava()
+    img = Image.new("RGB", (32, 32), (0, 128, 128))
+    ex = Example("what color is the shape?", " red blue circle", img)
+    with torch.no_grad():
+        v = adapter.run([ex])
+    n_wrong = int(((v.logits.argmax(-1) != v.target_ids) & v.mask).sum())
+    assert n_wrong >= 2
+    ed = TPatcherEditor(adapter, TPatcherConfig(steps=80, max_neurons=5))
+    h = ed.edit(EditRequest(ex))
+    assert h.meta["neurons"] == min(n_wrong, 5) == h.tensors["key"].shape[1]
+    h.remove()
+    capped = TPatcherEditor(adapter, TPatcherConfig(steps=1, max_neurons=1)).edit(EditRequest(ex))
+    assert capped.meta["neurons"] == 1 and len(capped.meta["positions"]) == 1
+    capped.remove()
+    # an edit the model already satisfies needs no neuron and changes nothing
+    with torch.no_grad():
+        pred = adapter.run([Example("what color is the shape?", " red", img)]).logits.argmax(-1)[0, 0]
+    done = Example("what color is the shape?", adapter.tokenizer.decode([int(pred)]), img)
+    with torch.no_grad():
+        ok = adapter.run([done])
+    if bool((ok.logits.argmax(-1) == ok.target_ids)[ok.mask].all()):
+        h0 = ed.edit(EditRequest(done))
+        assert h0.meta["neurons"] == 0 and h0.tensors == {}
+        h0.remove()

@@ -13,7 +13,7 @@ from mmke.editors.unike import UniKEConfig, UniKEEditor, UniKEIntrinsicEditor
 from mmke.editors.unike.intrinsic import EditPatch, LocalityMemory, ffn_inputs_at_targets
 from mmke.editors.unike.encoders import UniKEEncoders, semantic_loss, supcon_loss
 from mmke.editors.unike.memory import LatentMemory, shift
-from mmke.editors.unike.tail import TailRunner
+from mmke.editors.tail import TailRunner
 from mmke.models.base import Example, target_nll
 from mmke.models.tiny import tiny_blip2, tiny_llava
 from mmke.tasks import TASKS

@@ -1,19 +1,29 @@
 """Build the bundled benchmark (E-VQA-lite, E-IC-lite) from the easy-VQA package (SPEC §1).
 
-Eval cases are the easy-VQA **test** cases the default model gets wrong (its ``predictions.json``);
-with ``counterfactual`` they are cases it gets right, with a chosen wrong answer as the target.
-Every record has all MMEdit fields:
+:func:`build_benchmark` builds **version 2** by default (:mod:`mmke.data.build_v2`: leak-free
+splits, disjoint T-Locality pools, eval sets balanced by answer type, hard M-Locality inputs);
+``version=1`` builds the original benchmark, described here, byte for byte as before.
+
+Version 1: eval cases are the easy-VQA **test** cases the default model gets wrong (its
+``predictions.json``); with ``counterfactual`` they are cases it gets right, with a chosen wrong
+answer as the target. Every record has all MMEdit fields:
 
 - ``rephrase``: another phrasing of the question with the same meaning, hence the same answer for
   the same image (see :func:`canonicalise`); for captions another caption prompt;
 - ``image_rephrase``: another image with the same colour and shape;
 - ``m_loc``/``m_loc_q``/``m_loc_a``: a real easy-VQA question and answer about an image that
   differs in colour *and* shape;
-- ``loc``/``loc_ans``: an NQ-style country-capital question (:mod:`mmke.data.textfacts`).
+- ``loc``/``loc_ans``: an NQ-style country-capital question (:mod:`mmke.data.textfacts`), one
+  pool for every split.
 
 Train files are built the same way from the easy-VQA **train** split (retrieval pools, editor
 training data), without ``pred``. The output is deterministic for a seed; nothing is written
-outside ``out_dir``.
+outside ``out_dir``, and every file is written atomically (a temporary file in the same folder,
+then ``os.replace``), ``manifest.json`` last.
+
+This module also holds what both versions share: the question canonicaliser and paraphraser,
+:func:`answer_of` (the answer a question has for an image label), counterfactual answers, the
+per-split lookups and the predictions reader.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -120,6 +131,22 @@ def paraphrase(question: str, rng: random.Random) -> str:
 
 
 meaning = canonicalise  # short alias
+
+
+def answer_of(meaning: Meaning, colour: str, shape: str) -> str | None:
+    """The answer of a question with this meaning for an image of one ``colour`` ``shape``, or
+    None when the question presupposes what the image lacks ("what color is the triangle?" about
+    a circle)."""
+    kind, w = meaning
+    if kind == "contains":
+        return "yes" if w in (colour, shape) else "no"
+    if kind == "not_contains":
+        return "no" if w in (colour, shape) else "yes"
+    if kind == "color":
+        return colour if w in (None, shape) else None
+    if kind == "shape":
+        return shape if w in (None, colour) else None
+    raise ValueError(f"unknown question meaning {meaning!r}")
 
 
 # ---- counterfactual answers ----------------------------------------------------------------
@@ -285,17 +312,35 @@ def _pick(items: list[Any], n: int | None, rng: random.Random) -> list[Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically: a temporary file in the same folder, then os.replace."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _copy_images(out: Path, splits: list[_Split]) -> None:
+    """Copy the images the records use to ``out/images/<split>/<id>.png``, each atomically."""
     for sp in splits:
         d = out / "images" / sp.split
         d.mkdir(parents=True, exist_ok=True)
         for i in sorted(sp.used):
-            shutil.copyfile(ev.image_path(sp.split, i), d / f"{i}.png")
+            dest = d / f"{i}.png"
+            tmp = dest.with_name(dest.name + ".tmp")
+            try:
+                shutil.copyfile(ev.image_path(sp.split, i), tmp)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def _start_output(out: Path) -> None:
+    """Create ``out`` and remove a previous build's manifest.json: until the new manifest is
+    written last, the folder does not claim to hold a complete build."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
 
 
 def _check_sizes(**sizes: int | None) -> None:
@@ -311,19 +356,48 @@ def _easyvqa_version() -> str:
         return "unknown"
 
 
-def build_benchmark(out_dir: str | Path, *, seed: int = 0, predictions: dict[str, Any] | None = None,
-                    n_train_vqa: int = 2000, n_train_caption: int = 1000, n_eval: int | None = None,
+def build_benchmark(out_dir: str | Path, *, version: int = 2, seed: int = 0,
+                    predictions: dict[str, Any] | None = None, n_train_vqa: int = 2000,
+                    n_train_caption: int = 1000, n_eval: int | None = None,
+                    n_eval_vqa: int | None = None, n_eval_caption: int | None = None,
                     counterfactual: bool = False) -> dict[str, Any]:
     """Write ``{vqa,caption}_{eval,train}.json``, the images they use (``images/{train,test}/``)
     and ``manifest.json`` under ``out_dir``; return the manifest.
 
+    ``version``: 2 (the default, :func:`mmke.data.build_v2.build_v2`) or 1.
     ``predictions``: the default model's correctness on the test split (see ``load_predictions``,
-    the default). ``n_eval`` caps the eval records per task (None: all candidates).
-    ``counterfactual``: edit cases the model gets right, towards a chosen wrong answer.
+    the default). Version 1: ``n_eval`` caps the eval records of both tasks (None: all
+    candidates; ``n_eval_vqa`` / ``n_eval_caption`` override it per task); ``counterfactual``:
+    edit cases the model gets right, towards a chosen wrong answer. Version 2: ``n_eval`` sets
+    both ``n_eval_vqa`` and ``n_eval_caption`` (defaults 1000 and 500); ``counterfactual`` is
+    refused (version 2 mixes counterfactual cases into every eval file).
     """
+    if version not in (1, 2) or isinstance(version, bool):
+        raise ValueError(f"benchmark version must be 1 or 2, got {version!r}")
+    _check_sizes(n_train_vqa=n_train_vqa, n_train_caption=n_train_caption, n_eval=n_eval,
+                 n_eval_vqa=n_eval_vqa, n_eval_caption=n_eval_caption)
+    if version == 2:
+        if counterfactual:
+            raise ValueError("counterfactual is a version-1 option: version 2 already mixes "
+                             "counterfactual cases into its eval files; use version 1 for an "
+                             "all-counterfactual build")
+        from mmke.data.build_v2 import build_v2
+
+        return build_v2(out_dir, seed=seed, predictions=predictions, n_train_vqa=n_train_vqa,
+                        n_train_caption=n_train_caption, n_eval=n_eval, n_eval_vqa=n_eval_vqa,
+                        n_eval_caption=n_eval_caption)
+    return _build_v1(out_dir, seed=seed, predictions=predictions, n_train_vqa=n_train_vqa,
+                     n_train_caption=n_train_caption, n_eval_vqa=n_eval if n_eval_vqa is None else n_eval_vqa,
+                     n_eval_caption=n_eval if n_eval_caption is None else n_eval_caption, n_eval=n_eval,
+                     counterfactual=counterfactual)
+
+
+def _build_v1(out_dir: str | Path, *, seed: int, predictions: dict[str, Any] | None,
+              n_train_vqa: int, n_train_caption: int, n_eval_vqa: int | None,
+              n_eval_caption: int | None, n_eval: int | None, counterfactual: bool) -> dict[str, Any]:
+    """The version-1 build (see the module docstring)."""
     from mmke import __version__
 
-    _check_sizes(n_train_vqa=n_train_vqa, n_train_caption=n_train_caption, n_eval=n_eval)
     out = Path(out_dir)
     raw = predictions if predictions is not None else load_predictions()
     q_preds, c_preds = _check_predictions(raw)
@@ -339,9 +413,9 @@ def build_benchmark(out_dir: str | Path, *, seed: int = 0, predictions: dict[str
                  if q_preds[k][0] == want_ok and i in test.labels
                  and (counterfactual or tok_acc is None or tok_acc[k] == 0)]
     cap_cands = [i for i in sorted(test.labels) if i in c_preds and c_preds[i][0] == want_ok]
-    vqa_eval = _vqa_records(test, _pick(vqa_cands, n_eval, rng("vqa_eval/pick")),
+    vqa_eval = _vqa_records(test, _pick(vqa_cands, n_eval_vqa, rng("vqa_eval/pick")),
                             [p for _, p in q_preds], counterfactual, rng("vqa_eval"), facts)
-    cap_eval = _caption_records(test, _pick(cap_cands, n_eval, rng("caption_eval/pick")),
+    cap_eval = _caption_records(test, _pick(cap_cands, n_eval_caption, rng("caption_eval/pick")),
                                 {i: p for i, (_, p) in c_preds.items()}, counterfactual,
                                 rng("caption_eval"), facts)
     # train: any train question / labelled train image (retrieval pools, editor training)
@@ -352,7 +426,7 @@ def build_benchmark(out_dir: str | Path, *, seed: int = 0, predictions: dict[str
                                               rng("caption_train/pick")),
                                  None, counterfactual, rng("caption_train"), facts)
 
-    out.mkdir(parents=True, exist_ok=True)
+    _start_output(out)
     _copy_images(out, [test, train])
     records = dict(zip(FILES, (vqa_eval, cap_eval, vqa_train, cap_train)))
     for name, recs in records.items():

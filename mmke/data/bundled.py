@@ -1,4 +1,8 @@
-"""Where the bundled benchmark lives by default, and building it on first use."""
+"""Where the bundled benchmark lives by default, and building it on first use.
+
+Version 2 (the default, :mod:`mmke.data.build_v2`) lives in ``$MMKE_CACHE/easyvqa-lite/v2-seed-<S>``;
+version 1 keeps its original folders ``seed-<S>[-counterfactual]``.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,36 @@ from mmke.paths import cache_dir
 
 log = logging.getLogger(__name__)
 DEFAULT_SEED = 0
+DEFAULT_VERSION = 2
 
 
-def default_benchmark_dir(seed: int = DEFAULT_SEED, counterfactual: bool = False) -> Path:
-    """``$MMKE_CACHE/easyvqa-lite/seed-<S>[-counterfactual]`` (``~/.cache/mmke`` by default)."""
+def default_benchmark_dir(seed: int = DEFAULT_SEED, counterfactual: bool = False,
+                          version: int = DEFAULT_VERSION) -> Path:
+    """``$MMKE_CACHE/easyvqa-lite/v2-seed-<S>`` for version 2, ``.../seed-<S>[-counterfactual]``
+    for version 1 (``~/.cache/mmke`` by default). ``counterfactual`` is a version-1 option."""
+    if version == 2:
+        if counterfactual:
+            raise ValueError("counterfactual is a version-1 option: version 2 already mixes "
+                             "counterfactual cases into its eval files")
+        return cache_dir() / "easyvqa-lite" / f"v2-seed-{seed}"
+    if version != 1:
+        raise ValueError(f"benchmark version must be 1 or 2, got {version!r}")
     return cache_dir() / "easyvqa-lite" / (f"seed-{seed}" + ("-counterfactual" if counterfactual else ""))
 
 
-def ensure_benchmark(out: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Build the bundled benchmark into ``out`` unless a complete build for the current default
-    model's predictions is already there."""
+def ensure_benchmark(out: Path, seed: int = DEFAULT_SEED, version: int = DEFAULT_VERSION) -> Path:
+    """Build the bundled benchmark (``version``, ``seed``) into ``out`` unless a complete build of
+    that version and seed, for the current default model's predictions, is already there."""
     from mmke.data.build import build_benchmark
     from mmke.models.default import weights_digest
 
     manifest = out / "manifest.json"
     if manifest.exists():
         m = json.loads(manifest.read_text())
-        if (m.get("seed") == seed and not m.get("counterfactual")
+        if (m.get("version", 1) == version and m.get("seed") == seed and not m.get("counterfactual")
                 and m.get("weights") in (None, weights_digest())):
             return out
-        log.info("%s was built for other default-model weights; rebuilding", out)
-    log.info("building the bundled benchmark (seed %d) under %s", seed, out)
-    build_benchmark(out, seed=seed)
+        log.info("%s holds another build (version, seed or default-model weights); rebuilding", out)
+    log.info("building the bundled benchmark v%d (seed %d) under %s", version, seed, out)
+    build_benchmark(out, seed=seed, version=version)
     return out

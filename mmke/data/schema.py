@@ -5,6 +5,9 @@ Every record is validated; a problem raises :class:`DataError` naming the file, 
 and the field, or with ``skip_invalid`` the record is skipped, logged and returned in
 ``LoadResult.skipped``. Image paths are untrusted input: they must be relative and stay inside
 their root, and the files must be images PIL can read.
+
+:func:`is_hard_m_loc` is the one rule for telling the hard kind of M-Locality input (the edit's
+own question about an unrelated image) from the other kind; :func:`norm_text` is its comparison.
 """
 
 from __future__ import annotations
@@ -83,6 +86,20 @@ class LoadResult:
     path: Path
     records: list[EditRecord]
     skipped: list[DataError]
+
+
+def norm_text(text: str) -> str:
+    """A question as compared across records: lower case, whitespace collapsed, stripped."""
+    return " ".join(text.lower().split())
+
+
+def is_hard_m_loc(record: EditRecord | dict[str, Any]) -> bool:
+    """True if the record's M-Locality question is its edit prompt (``src``) or the prompt's
+    paraphrase (``rephrase``), compared with :func:`norm_text`: the same question about an
+    unrelated image, which an edit that ignores the image would wrongly change."""
+    get = record.get if isinstance(record, dict) else lambda k: getattr(record, k)
+    q = norm_text(get("m_loc_q"))
+    return q == norm_text(get("src")) or q == norm_text(get("rephrase"))
 
 
 # ---- reading the file ------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from mmke.io import atomic_save_safetensors, atomic_write_json
 from mmke.models.base import Example, ModelAdapter
 
 
@@ -67,9 +68,8 @@ class EditHandle:
         """Write ``path/edit.safetensors`` and ``path/edit.json``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()},
-                  str(path / "edit.safetensors"))
-        (path / "edit.json").write_text(json.dumps({"method": self.method, "meta": self.meta}, indent=1))
+        atomic_save_safetensors(self.tensors, path / "edit.safetensors")
+        atomic_write_json(path / "edit.json", {"method": self.method, "meta": self.meta})
 
 
 def read_saved_edit(path: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -104,6 +104,17 @@ class Editor(ABC):
     @abstractmethod
     def edit(self, request: EditRequest) -> EditHandle:
         """Apply one edit and return its handle."""
+
+    @classmethod
+    def uses_train_records(cls, config: EditorConfig) -> bool:
+        """Whether the editor reads the task's train split at edit time (retrieval pools,
+        locality memories); the runner loads it only for those that do."""
+        return True
+
+    def weights_digest(self) -> str | None:
+        """Content hash of the trained weights this editor loaded (None: it has none). Recorded
+        with every run, so that a resumed run cannot mix numbers of two sets of weights."""
+        return None
 
     def load(self, path: str | Path) -> EditHandle:
         """Re-apply a saved edit. Default: parameter edits (tensors are new parameter values)."""

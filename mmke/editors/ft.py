@@ -26,6 +26,10 @@ class FTEditor(Editor):
     name = "ft-lm"
     Config = FTConfig
 
+    @classmethod
+    def uses_train_records(cls, config) -> bool:
+        return False
+
     def edit(self, request: EditRequest) -> EditHandle:
         cfg = self.config
         params = self.adapter.site_parameters(cfg.sites)

@@ -1,14 +1,33 @@
-"""IKE: in-context editing. The new fact and k demonstrations retrieved from the task's train split
-(all-MiniLM-L6-v2 similarity) are put in front of every input (as ``Example.context``, before the
-image); no weight changes. Demonstrations follow MMEdit's copy / update / retain kinds."""
+"""IKE: in-context knowledge editing (Zheng et al., "Can We Edit Factual Knowledge by In-Context
+Learning?", EMNLP 2023), in the multimodal form of the MMEdit reference (EasyEdit
+``easyeditor/models/ike/ike_main.py`` and ``multimodal_evaluate.py``, hparams ``IKE/blip2.yaml``).
+
+No weight changes: the new fact and k demonstrations are put in front of every input.
+
+- **Demonstration pool** (paper §3.2; reference ``encode_ike_facts_multimodal``): three sentences per
+  train record, with new_fact = "{prompt} {answer}":
+  copy ``"New Fact: {new_fact}\\nPrompt: {new_fact}\\n\\n"``,
+  update ``"New Fact: {new_fact}\\nPrompt: {rephrase} {answer}\\n\\n"``,
+  retain ``"New Fact: {new_fact}\\nPrompt: {loc} {loc answer}\\n\\n"``.
+- **Retrieval**: the k = 32 pool sentences most cosine-similar (all-MiniLM-L6-v2, as the reference)
+  to the query ``"New Fact: {edit new_fact}\\nPrompt: {edit new_fact}\\n\\n"``, most similar first,
+  followed by the edit's own copy demonstration.
+- **Input**: ``"".join(demonstrations) + "New Fact: {edit prompt} {edit answer}\\nPrompt: {input}"``,
+  scored on ``" " + target``. The image comes first, before all of this text, as in the reference
+  for BLIP-2 and MiniGPT-4 (``image_first``); ``image_first=False`` puts the text before the image
+  instead (mmke's layout: the five inputs of a case then share one KV cache of the demonstrations).
+
+Prompts are in the task's template (``"Question: {} Short answer:"`` for VQA), as every method's
+inputs are in mmke's protocol; the reference feeds the raw question. Demonstrations that would not
+fit the model's context are dropped, least similar first, with a warning.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from dataclasses import replace
 
 from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, read_saved_edit
 from mmke.models.base import Example
@@ -19,11 +38,23 @@ log = logging.getLogger(__name__)
 
 class IKEConfig(EditorConfig):
     k: int = 32
+    image_first: bool = True  # the reference's layout; False: demonstrations before the image
     max_context_tokens: int | None = None  # default: the model's context minus room for the input
 
 
-def _fact(src: str, alt: str) -> str:
-    return f"New Fact: {src} {alt}\n"
+def demo(new_fact: str, prompt: str) -> str:
+    """One demonstration (or the query): ``"New Fact: {new_fact}\\nPrompt: {prompt}\\n\\n"``."""
+    return f"New Fact: {new_fact}\nPrompt: {prompt}\n\n"
+
+
+def pool_sentences(records, template) -> list[str]:
+    """The reference's three demonstrations (copy, update, retain) of every train record."""
+    out = []
+    for r in records:
+        nf = f"{template(r.src)} {r.alt.strip()}"
+        out += [demo(nf, nf), demo(nf, f"{template(r.rephrase)} {r.alt.strip()}"),
+                demo(nf, f"{r.loc} {r.loc_ans.strip()}")]
+    return out
 
 
 class IKEEditor(Editor):
@@ -35,44 +66,40 @@ class IKEEditor(Editor):
         # demonstrations use the task's prompt template, so they look like the inputs they precede
         self.template = task.prompt if task is not None else (lambda s: s)
         if not train_records:
-            raise ValueError("ike needs a pool of train records for its demonstrations "
-                             "(the task's train split; pass --train-data for your own files)")
-        self.pool = train_records
-        self.pool_emb = embed([_fact(r.src, r.alt) for r in self.pool])
+            raise ValueError("ike needs a pool of train records for its demonstrations (the task's train "
+                             "split: IKEEditor(..., train_records=...), or --train-data on the command line)")
+        self.pool = pool_sentences(train_records, self.template)
+        self.pool_emb = embed(self.pool)
 
-    def _demo(self, i: int, r) -> str:
-        """Demonstrations cycle through MMEdit's three kinds: copy, update (rephrase), retain (loc)."""
-        kind = i % 3
-        t = self.template
-        if kind == 0:
-            prompt = f"{t(r.src)} {r.alt}"
-        elif kind == 1:
-            prompt = f"{t(r.rephrase)} {r.alt}"
-        else:
-            prompt = f"{r.loc} {r.loc_ans}"
-        return f"{_fact(t(r.src), r.alt)}Prompt: {prompt}\n\n"
+    def _new_fact(self, record: dict[str, Any]) -> str:
+        return f"{self.template(record['src'])} {record['alt'].strip()}"
 
-    def _context(self, record: dict[str, Any], indices: list[int]) -> str:
+    def _context(self, record: dict[str, Any], indices: list[int]) -> tuple[str, int]:
+        """The demonstrations (most similar first), the edit's copy demonstration and the new fact,
+        ending in "Prompt: " so that the input follows; and how many demonstrations fitted."""
+        nf = self._new_fact(record)
+        tail = demo(nf, nf) + f"New Fact: {nf}\nPrompt: "
         budget = self.config.max_context_tokens or max(self.adapter.max_length - 256, 64)
         tok = self.adapter.tokenizer
-        fact = _fact(self.template(record["src"]), record["alt"]) + "Prompt:"
-        used = len(tok(fact, add_special_tokens=False).input_ids)
+        used = len(tok(tail, add_special_tokens=False).input_ids)
         demos: list[str] = []
-        # most similar demonstrations sit closest to the input
-        for rank, j in enumerate(indices):
-            d = self._demo(rank, self.pool[j])
-            n = len(tok(d, add_special_tokens=False).input_ids)
+        for j in indices:
+            n = len(tok(self.pool[j], add_special_tokens=False).input_ids)
             if used + n > budget:
                 log.warning("ike: context limit of %d tokens reached; using %d of %d demonstrations",
                             budget, len(demos), len(indices))
                 break
-            demos.append(d)
+            demos.append(self.pool[j])
             used += n
-        return "".join(reversed(demos)) + fact
+        return "".join(demos) + tail, len(demos)
 
     def _install(self, ctx: str, meta: dict[str, Any]) -> EditHandle:
-        def transform(ex: Example) -> Example:
-            return replace(ex, context=ctx + ex.context)
+        if self.config.image_first:
+            def transform(ex: Example) -> Example:  # text after the image: part of the prompt
+                return replace(ex, prompt=ctx + ex.prompt)
+        else:
+            def transform(ex: Example) -> Example:  # text before the image: the shared context
+                return replace(ex, context=ctx + ex.context)
 
         self.adapter.input_transforms.append(transform)
         return EditHandle(self.adapter, self.name, undo=lambda: self.adapter.input_transforms.remove(transform),
@@ -80,15 +107,18 @@ class IKEEditor(Editor):
 
     def edit(self, request: EditRequest) -> EditHandle:
         rec = request.record
-        if not rec:
-            raise ValueError("ike needs the MMEdit record (src, alt) of the edit")
-        q = embed([_fact(rec["src"], rec["alt"])], cache=False)[0]
+        if not rec or "src" not in rec or "alt" not in rec:
+            raise ValueError("ike needs the MMEdit record (src, alt) of the edit: EditRequest(example, record)")
+        nf = self._new_fact(rec)
+        q = embed([demo(nf, nf)], cache=False)[0]
         idx = top_k(q, self.pool_emb, self.config.k)
-        meta = {"src": rec["src"], "alt": rec["alt"], "demos": idx}
-        return self._install(self._context(rec, idx), meta)
+        ctx, used = self._context(rec, idx)
+        meta = {"src": rec["src"], "alt": rec["alt"], "demos": idx, "n_demos_used": used,
+                "image_first": self.config.image_first}
+        return self._install(ctx, meta)
 
     def load(self, path: str | Path) -> EditHandle:
         method, meta, _ = read_saved_edit(path)
         if method != self.name:
             raise ValueError(f"{path}: saved by editor {method!r}, not {self.name!r}")
-        return self._install(self._context(meta, meta["demos"]), meta)
+        return self._install(self._context(meta, meta["demos"])[0], meta)

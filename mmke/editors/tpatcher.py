@@ -1,9 +1,28 @@
-"""T-Patcher: a few new neurons in the last LM FFN layer per edit (Huang et al., ICLR 2023).
+"""T-Patcher: one new neuron per mistake in the last FFN layer (Huang et al., "Transformer-Patcher:
+One Mistake worth One Neuron", ICLR 2023).
 
-Trained on the edit with three terms: the edit loss (target NLL), an activation loss (the new
-neurons fire on the edit input: their peak activation exceeds ``margin``) and a memory loss (they
-stay silent on a memory of other inputs: the task's train questions). The FFN input at the patched
-layer does not depend on the patch, so the memory's FFN inputs are computed once and cached.
+Per edit (paper §3; reference code ZeroYuHuang/Transformer-Patcher, ``src/models/patch.py``):
+
+- **where**: the FFN of the last LM layer (``layer``); the patch appends key-value pairs to it,
+  FFN_p(q) = FFN(q) + Act(q K + b) V, the original weights frozen (:mod:`mmke.editors.patch`);
+- **how many**: one neuron per mistake — each target position whose teacher-forced top-1
+  prediction is wrong gets its own neuron, at most ``max_neurons`` (reference
+  ``max_add_neuron_num`` = 5); for a one-token answer that is one neuron at the last prompt token;
+- **keys**: neuron i starts from the FFN input h_i at its own mistake's position,
+  k_i = h_i / ||h_i||^2 and b_i = 0, so its pre-activation there is 1 (``use_init_weight``);
+  values start at 0, so a fresh patch changes nothing (the reference starts them at random: the
+  one deviation, so that the edit's loss starts from the unedited model);
+- **loss** (paper Eq. 3-5): L = NLL(target) + a * L_act + m * L_mem, with
+  L_act = mean_i exp(margin_act - z_i(own position))  (reference ``top5_exp``, ``act_margin_val`` 0)
+  L_mem = mean_i [mean top-k exp(z_mem - z_i + m1) + mean top-k exp(z_mem - m2)]  (``top1000_exp``,
+  ``margin_val1`` 3, ``margin_val2`` -3), z_mem the neuron's pre-activations at every position of
+  a memory of other inputs (the task's train split, as the reference's training-set memory);
+  a = ``act_weight`` 1, m = ``mem_weight`` 5 (reference ``alc``, ``mlc``); Adam, lr 1e-2;
+- training stops once every target token is the top-1 prediction and every new neuron is silent
+  (pre-activation < 0) on the memory and active on its own position, or after ``steps``.
+
+The FFN input of the patched layer does not depend on the patch, so the memory's inputs are
+computed once, and each step runs only the patched layer onwards (:mod:`mmke.editors.tail`).
 Sequential edits accumulate: each edit's neurons are separate hooks.
 """
 
@@ -14,25 +33,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, read_saved_edit
 from mmke.editors.patch import FFNPatch, PatchHooks, ffn_input_dim
-from mmke.models.base import Example, target_nll
+from mmke.editors.tail import TailRunner
+from mmke.models.base import Example, target_nll, target_positions
 
 log = logging.getLogger(__name__)
 
 
 class TPatcherConfig(EditorConfig):
-    layer: int = -1
-    n_neurons: int = 16
-    steps: int = 60
-    lr: float = 3e-2
-    act_weight: float = 1.0
-    mem_weight: float = 0.3
-    margin: float = 1.0
-    memory_size: int = 64  # train inputs the patch must stay silent on
-    stop_loss: float = 0.05
-    seed: int = 0  # initialisation of the new keys: the same edit gives the same patch
+    layer: int = -1  # the last LM layer
+    max_neurons: int = 5  # neurons per edit: one per mistaken target token, at most this many
+    steps: int = 100
+    lr: float = 1e-2
+    act_weight: float = 1.0  # alc
+    act_margin: float = 0.0  # act_margin_val
+    mem_weight: float = 5.0  # mlc
+    mem_margin_edit: float = 3.0  # margin_val1: memory pre-activations this far below the edit's
+    mem_margin_abs: float = -3.0  # margin_val2: ... and below this value
+    mem_top: int = 1000  # the top-k memory activations each memory term averages (top1000_exp)
+    memory_size: int = 256  # train-split inputs whose every position forms the memory
+    max_exp: float = 30.0  # exponents are clamped here (numerical safety only)
+
+
+def _exp_top(x: torch.Tensor, k: int, cap: float) -> torch.Tensor:
+    """mean over the top-k entries of each column of exp(x) ([N, n] -> [n])."""
+    top = x.topk(min(k, x.shape[0]), dim=0).values
+    return top.clamp(max=cap).exp().mean(0)
 
 
 class TPatcherEditor(Editor):
@@ -43,12 +72,13 @@ class TPatcherEditor(Editor):
         super().__init__(adapter, config, **context)
         self.layer = self.config.layer % adapter.num_lm_layers
         self.hidden = ffn_input_dim(adapter, self.layer)
+        self.runner = TailRunner(adapter, self.layer)
         self._memory_q: torch.Tensor | None = None
-        self._memory_src = []
+        self._memory_src: list[Example] = []
         if train_records:
-            recs = train_records[: self.config.memory_size]
             tmpl = task.prompt if task is not None else (lambda s: s)
-            self._memory_src = [Example(tmpl(r.src), " " + r.alt, adapter.load_image(r.image_path)) for r in recs]
+            self._memory_src = [Example(tmpl(r.src), " " + r.alt.strip(), adapter.load_image(r.image_path))
+                                for r in train_records[: self.config.memory_size]]
         else:
             log.warning("t-patcher: no train records, so no memory loss (the patch may fire elsewhere)")
 
@@ -64,30 +94,62 @@ class TPatcherEditor(Editor):
                 self.adapter.run([ex])
         finally:
             h.remove()
-        return torch.cat(got, 0)
+        return torch.cat(got, 0).float()
 
     def memory(self) -> torch.Tensor | None:
         if self._memory_q is None and self._memory_src:
             self._memory_q = self.ffn_inputs(self._memory_src)
         return self._memory_q
 
+    def _edit_inputs(self, request: EditRequest):
+        """The cached edit batch, the positions of its mistakes [P] (at most ``max_neurons``) and
+        the FFN inputs there [P, H]."""
+        cache, view = self.runner.capture([request.example])
+        pos = target_positions(cache.labels.to(view.logits.device))[0][0]  # [L] positions predicting targets
+        wrong = (view.logits[0].argmax(-1) != view.target_ids[0]) & view.mask[0]
+        err = pos[wrong][: self.config.max_neurons]
+        key = self.adapter.site(f"lm.ffn_key.{self.layer}")
+        box: dict[str, torch.Tensor] = {}
+        hook = key.register_forward_pre_hook(lambda _m, args: box.__setitem__("q", args[0].detach()))
+        try:
+            with torch.no_grad():
+                self.runner.run(cache)
+        finally:
+            hook.remove()
+        q = box["q"].reshape(*cache.labels.shape, -1)  # [1, T, H] (OPT flattens tokens before fc1)
+        return cache, err, q[0, err].float()
+
     def edit(self, request: EditRequest) -> EditHandle:
         cfg = self.config
-        ex = request.example
-        q_edit = self.ffn_inputs([ex])  # [T, H]
-        patch = FFNPatch(self.hidden, cfg.n_neurons, seed=cfg.seed).to(self.adapter.device)
+        cache, err, q = self._edit_inputs(request)
+        if len(err) == 0:  # no mistake, no neuron (the reference patches mistakes only)
+            return EditHandle(self.adapter, self.name, undo=lambda: None, tensors={},
+                              meta={"layer": self.layer, "neurons": 0, "steps": 0})
+        n = len(err)
+        patch = FFNPatch(self.hidden, n, act=F.relu).to(self.adapter.device)
+        with torch.no_grad():
+            patch.key.copy_((q / q.pow(2).sum(-1, keepdim=True)).t())  # k_i = h_i / |h_i|^2: z_i = 1
+            patch.bias.zero_()
         hooks = PatchHooks(self.adapter, {self.layer: patch})
         mem = self.memory()
         opt = torch.optim.Adam(patch.parameters(), lr=cfg.lr)
-        steps = 0
+        steps, fixed = 0, False
         try:
             with torch.enable_grad():
                 for steps in range(1, cfg.steps + 1):
-                    nll = target_nll(self.adapter.run([ex]))
-                    a_edit = patch.act(q_edit @ patch.key + patch.bias)  # [T, n]
-                    loss_act = torch.relu(cfg.margin - a_edit.amax(0)).mean()
-                    loss_mem = patch.act(mem @ patch.key + patch.bias).mean() if mem is not None else 0.0
-                    if nll.item() < cfg.stop_loss and float(loss_act.detach()) == 0.0:
+                    view = self.runner.run(cache)
+                    nll = target_nll(view)
+                    z_own = (q @ patch.key + patch.bias).diagonal()  # [n] each neuron at its mistake
+                    loss_act = (cfg.act_margin - z_own).clamp(max=cfg.max_exp).exp().mean()
+                    loss_mem = nll.new_zeros(())
+                    silent = True
+                    if mem is not None:
+                        z_mem = mem @ patch.key + patch.bias  # [N, n]
+                        loss_mem = (_exp_top(z_mem - z_own[None] + cfg.mem_margin_edit, cfg.mem_top, cfg.max_exp)
+                                    + _exp_top(z_mem - cfg.mem_margin_abs, cfg.mem_top, cfg.max_exp)).mean()
+                        silent = bool(z_mem.detach().amax() < 0)
+                    fixed = bool((view.logits.argmax(-1) == view.target_ids)[view.mask].all())
+                    if fixed and silent and bool((z_own.detach() > 0).all()):
                         break
                     loss = nll + cfg.act_weight * loss_act + cfg.mem_weight * loss_mem
                     opt.zero_grad()
@@ -96,17 +158,19 @@ class TPatcherEditor(Editor):
         except BaseException:
             hooks.remove()
             raise
-        for p in patch.parameters():
-            p.requires_grad_(False)
+        patch.requires_grad_(False)
         tensors = {"key": patch.key.data, "bias": patch.bias.data, "value": patch.value.data}
         return EditHandle(self.adapter, self.name, undo=hooks.remove, tensors=tensors,
-                          meta={"layer": self.layer, "steps": steps})
+                          meta={"layer": self.layer, "neurons": n, "positions": err.tolist(), "steps": steps,
+                                "fixed": fixed})
 
     def load(self, path: str | Path) -> EditHandle:
         method, meta, t = read_saved_edit(path)
         if method != self.name:
             raise ValueError(f"{path}: saved by editor {method!r}, not {self.name!r}")
-        patch = FFNPatch(t["key"].shape[0], t["key"].shape[1]).to(self.adapter.device)
+        if not t:  # an edit that needed no neuron
+            return EditHandle(self.adapter, self.name, undo=lambda: None, tensors={}, meta=meta)
+        patch = FFNPatch(t["key"].shape[0], t["key"].shape[1], act=F.relu).to(self.adapter.device)
         with torch.no_grad():
             patch.key.copy_(t["key"])
             patch.bias.copy_(t["bias"])

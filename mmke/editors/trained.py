@@ -11,6 +11,7 @@ under ``mmke/assets/editors/<method>-<task>/``; for any other model the user tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from abc import abstractmethod
@@ -19,10 +20,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mmke.editors.base import Editor, EditorConfig
+from mmke.io import atomic_save_safetensors, atomic_write_json
 from mmke.paths import ASSETS
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,8 @@ def save_weights(out: str | Path, module: nn.Module, meta: dict[str, Any]) -> No
     """Write ``weights.safetensors`` + ``weights.json`` into ``out`` (atomically per file)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    tmp.chmod(0o644)  # safetensors creates it owner-only; it is a shipped asset
-    tmp.replace(out / WEIGHTS_FILE)
-    (out / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    atomic_save_safetensors(module.state_dict(), out / WEIGHTS_FILE)
+    atomic_write_json(out / META_FILE, meta, sort_keys=True)
 
 
 def read_weights(d: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,6 +136,21 @@ class TrainedEditor(Editor):
     def architecture(self) -> dict[str, Any]:
         """Options that shape the module (saved with the weights)."""
         return {k: v for k, v in self.config.model_dump().items() if k != "weights"}
+
+    @classmethod
+    def uses_train_records(cls, config) -> bool:
+        return False  # the train split trains the module (``mmke train``); edits do not read it
+
+    def weights_digest(self) -> str | None:
+        """sha256 (16 hex) over the weight files of the loaded directory (safetensors files,
+        sorted by name); None when the editor runs without trained weights."""
+        if not self.weights_meta:
+            return None
+        h = hashlib.sha256()
+        for f in sorted(Path(self.weights_dir()).glob("*.safetensors")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]
 
     # ---- where the weights are ----------------------------------------------------------
     def weights_dir(self) -> Path:

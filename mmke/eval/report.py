@@ -1,16 +1,32 @@
-"""Paper-style tables from run summaries: methods as rows, one column group per task."""
+"""Tables from run directories, and paired comparisons of two runs.
+
+- :func:`render` — one table per task (methods as rows; Rel, T-Gen, M-Gen, T-Loc, M-Loc, the
+  hard M-Loc sub-metric and the mean of the five), every cell with its 95% bootstrap interval
+  over cases. Rows are keyed by the run's whole configuration (model, method and its options, data,
+  setting, locality variant, sample size and seed): two runs of one method that differ anywhere
+  get two rows, labelled by what differs, never one merged row. ``compact`` gives the paper's
+  layout (both tasks side by side, no intervals).
+- :func:`compare` — two runs on their shared cases: per metric, the paired difference A - B with
+  its bootstrap interval and the sign-flip test's p-value.
+"""
 
 from __future__ import annotations
 
+import html
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from mmke.eval.metrics import METRICS
+from mmke.eval.stats import Interval, bootstrap_ci, fmt_interval, paired_difference
+from mmke.scoring import HARD_M_LOCALITY, METRICS
 from mmke.tasks import TASKS
 
+log = logging.getLogger(__name__)
+
 SHORT = {"reliability": "Rel", "t_generality": "T-Gen", "m_generality": "M-Gen",
-         "t_locality": "T-Loc", "m_locality": "M-Loc"}
+         "t_locality": "T-Loc", "m_locality": "M-Loc", HARD_M_LOCALITY: "M-Loc hard", "mean": "Mean"}
+COLUMNS = list(METRICS) + [HARD_M_LOCALITY, "mean"]
 
 # SPEC §6: the MMEdit paper's numbers as reported in the UniKE paper (percent). Reference rows only.
 REFERENCE: dict[str, dict[str, dict[str, list[float]]]] = {
@@ -35,8 +51,10 @@ REFERENCE: dict[str, dict[str, dict[str, list[float]]]] = {
 }
 
 
+# ---- reading runs ------------------------------------------------------------------------------
 def collect(dirs: Iterable[Path]) -> list[dict[str, Any]]:
-    """All summary.json files in the given run directories (or one level below them)."""
+    """All summary.json files in the given run directories (or one level below them); each
+    summary gets ``_dir``, the run directory it came from."""
     out = []
     for d in dirs:
         d = Path(d)
@@ -45,56 +63,241 @@ def collect(dirs: Iterable[Path]) -> list[dict[str, Any]]:
         if not files:
             raise FileNotFoundError(f"{d}: no summary.json here or in its subdirectories")
         for f in files:
-            out.append(json.loads(f.read_text()))
+            try:
+                s = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: corrupt summary ({e})") from e
+            s["_dir"] = str(f.parent)
+            out.append(s)
     return out
 
 
-def summary_line(s: dict[str, Any]) -> str:
-    vals = " ".join(f"{SHORT[k]} {100 * s['metrics'][k]:.1f}" for k in METRICS)
-    return f"{s['model']} {s['method']} {s['task']} ({s['n_cases']} cases): {vals}"
+def case_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-case rows of a run (its ``cases.jsonl``), in case order."""
+    from mmke.eval.store import CaseStore
+
+    f = Path(run_dir) / "cases.jsonl"
+    if not f.exists():
+        raise FileNotFoundError(f"{run_dir}: no cases.jsonl (not a run directory?)")
+    return CaseStore(f).rows()
 
 
-def _rows(summaries: list[dict[str, Any]], exact_match: bool) -> tuple[list[str], dict]:
+def _cell_intervals(s: dict[str, Any], exact_match: bool) -> dict[str, Interval]:
+    """Interval per column of one summary (from its stored intervals, or computed from its cases
+    for summaries written before intervals existed)."""
     key = "metrics_exact_match" if exact_match else "metrics"
-    models = {s["model"] for s in summaries}
-    table: dict[str, dict[str, dict]] = {}
+    means = dict(s[key])
+    means["mean"] = s.get("mean_exact_match" if exact_match else "mean",
+                          sum(s[key][k] for k in METRICS) / len(METRICS))
+    ivs = s.get("intervals", {}).get(key)
+    if ivs is None:
+        try:
+            rows = case_rows(s["_dir"])
+        except (KeyError, FileNotFoundError):
+            return {k: Interval(v, v, v, s["n_cases"]) for k, v in means.items()}
+        from mmke.eval.runner import aggregate
+
+        ivs = aggregate(rows, seed=s.get("seed", 0))["intervals"][key]
+    n_hard = s.get("n_hard_m_locality", 0)
+    return {k: Interval(means[k], ivs[k][0], ivs[k][1], n_hard if k == HARD_M_LOCALITY else s["n_cases"])
+            for k in means if k in ivs}
+
+
+# ---- row keys ---------------------------------------------------------------------------------
+def _data_identity(s: dict[str, Any]) -> str:
+    """What data a run used, comparable across the two tasks of one benchmark build."""
+    prov = s.get("provenance") or {}
+    bench = prov.get("benchmark")
+    if bench and bench.get("content_hash"):
+        return f"benchmark v{bench.get('version')} {bench['content_hash'][:12]}"
+    data = (s.get("config") or {}).get("data")
+    return f"data in {Path(data).parent}" if data else "bundled"
+
+
+def row_key(s: dict[str, Any]) -> dict[str, Any]:
+    """The configuration that identifies a table row (everything but the task)."""
+    cfg = s.get("config") or {}
+    return {"model": s["model"], "method": s["method"],
+            "options": json.dumps(cfg.get("method_config", {}), sort_keys=True),
+            "data": _data_identity(s), "setting": s.get("setting", "one-step"),
+            "m_locality": cfg.get("m_locality", "top1"), "limit": cfg.get("limit"), "seed": s.get("seed", 0)}
+
+
+def _labels(keys: list[dict[str, Any]]) -> list[str]:
+    """Row labels: the method (and model when several), plus whatever differs between rows of the
+    same method."""
+    models = {k["model"] for k in keys}
+    out = []
+    for k in keys:
+        same = [o for o in keys if o["method"] == k["method"] and o["model"] == k["model"]]
+        differ = [f for f in k if f not in ("model", "method") and len({json.dumps(o[f]) for o in same}) > 1]
+        label = k["method"] if len(models) == 1 else f"{k['model']} / {k['method']}"
+        if differ:
+            label += " (" + ", ".join(f"{f}={_short(f, k[f])}" for f in differ) + ")"
+        out.append(label)
+    return out
+
+
+def _short(field: str, value: Any) -> str:
+    if field == "options":
+        d = json.loads(value)
+        return "{" + ", ".join(f"{a}: {b}" for a, b in d.items()) + "}" if d else "{}"
+    return str(value)
+
+
+def table_rows(summaries: list[dict[str, Any]], exact_match: bool = False):
+    """(labels, rows) where rows[i][task] is (intervals per column, n_cases, run dir). Two runs
+    with the same key and task are an error: which one should the row show?"""
+    keys: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for s in summaries:
-        label = s["method"] if len(models) == 1 else f"{s['model']} / {s['method']}"
-        table.setdefault(label, {})[s["task"]] = {"values": [100 * s[key][m] for m in METRICS],
-                                                  "n": s["n_cases"]}
-    return list(table), table
+        k = row_key(s)
+        if k not in keys:
+            keys.append(k)
+            rows.append({})
+        row = rows[keys.index(k)]
+        if s["task"] in row:
+            raise ValueError(f"two runs of the same configuration and task: {row[s['task']][2]} and "
+                             f"{s['_dir']}; report one of them")
+        row[s["task"]] = (_cell_intervals(s, exact_match), s["n_cases"], s.get("_dir"))
+    return _labels(keys), rows
 
 
+# ---- rendering --------------------------------------------------------------------------------
 def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_match: bool = False,
-           reference: bool = False) -> str:
-    """Markdown (default) or HTML table; numbers in percent; n = cases per cell."""
-    tasks = [t for t in TASKS if any(s["task"] == t for s in summaries)] or list(TASKS)
-    labels, table = _rows(summaries, exact_match)
-    header = (["Method"] + [f"{TASKS[t].title} {SHORT[m]}" for t in tasks for m in METRICS]
-              + [f"{TASKS[t].title} Mean" for t in tasks] + ["n"])
-    body = []
-    for label in labels:
-        row, means, ns = [label], [], []
-        for t in tasks:
-            cell = table[label].get(t)
-            row += [f"{v:.1f}" for v in cell["values"]] if cell else ["–"] * len(METRICS)
-            means.append(f"{sum(cell['values']) / len(METRICS):.1f}" if cell else "–")
-            ns.append(str(cell["n"]) if cell else "–")
-        body.append(row + means + ["/".join(ns)])
-    if reference:
-        for backbone, methods in REFERENCE.items():
-            for method, vals in methods.items():
-                row = [f"paper ({backbone}): {method}"]
-                for t in tasks:
-                    row += [f"{v:.1f}" for v in vals[t]]
-                body.append(row + [f"{sum(vals[t]) / len(METRICS):.1f}" for t in tasks] + ["reference"])
-    note = ("exact match" if exact_match else "token accuracy") + ", percent; one-step editing; Mean = mean of the five metrics"
-    if fmt == "html":
-        th = "".join(f"<th>{h}</th>" for h in header)
-        trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
-        return f"<table><caption>{note}</caption><tr>{th}</tr>{trs}</table>"
-    if fmt != "markdown":
+           reference: bool = False, compact: bool = False) -> str:
+    """The report: markdown (default) or a standalone HTML page; numbers in percent."""
+    if fmt not in ("markdown", "html"):
         raise ValueError(f"unknown format {fmt!r}; use markdown or html")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines) + f"\n\n({note})"
+    tasks = [t for t in TASKS if any(s["task"] == t for s in summaries)] or list(TASKS)
+    labels, rows = table_rows(summaries, exact_match)
+    what = "exact match" if exact_match else "token accuracy"
+    settings = sorted({s.get("setting", "one-step") for s in summaries})
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    if compact:
+        header = ["Method"] + [f"{TASKS[t].title} {SHORT[m]}" for t in tasks for m in METRICS] + \
+                 [f"{TASKS[t].title} Mean" for t in tasks] + ["n"]
+        body = []
+        for label, row in zip(labels, rows):
+            cells = [label]
+            for t in tasks:
+                cells += [f"{100 * row[t][0][m].mean:.1f}" for m in METRICS] if t in row else ["–"] * len(METRICS)
+            cells += [f"{100 * row[t][0]['mean'].mean:.1f}" if t in row else "–" for t in tasks]
+            body.append(cells + [_n_cell(row, tasks)])
+        body += _reference_rows(tasks, compact=True) if reference else []
+        tables.append(("", header, body))
+    else:
+        for t in tasks:
+            header = ["Method"] + [SHORT[c] for c in COLUMNS] + ["n"]
+            body = []
+            for label, row in zip(labels, rows):
+                if t not in row:
+                    continue
+                ivs, n, _ = row[t]
+                n_hard = ivs[HARD_M_LOCALITY].n if HARD_M_LOCALITY in ivs else 0
+                body.append([label] + [fmt_interval(ivs.get(c)) for c in COLUMNS]
+                            + [f"{n}" + (f" ({n_hard} hard)" if n_hard else "")])
+            body += _reference_rows([t], compact=False) if reference else []
+            tables.append((f"{TASKS[t].title} ({t})", header, body))
+    note = (f"{what}, percent, with 95% bootstrap intervals over cases; setting: {', '.join(settings)}; "
+            f"Mean = mean of the five metrics; M-Loc hard = M-Loc on the cases whose unrelated-image "
+            f"question is the edit's own; n = cases")
+    if compact:
+        note = f"{what}, percent; setting: {', '.join(settings)}; Mean = mean of the five metrics; n = cases per task"
+    if fmt == "html":
+        return _html_page(tables, note)
+    parts = []
+    for title, header, body in tables:
+        lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        parts.append("\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]))
+    return "\n\n".join(parts) + f"\n\n({note})"
+
+
+def _n_cell(row: dict, tasks: list[str]) -> str:
+    ns = [str(row[t][1]) if t in row else "–" for t in tasks]
+    return "/".join(ns)
+
+
+def _reference_rows(tasks: list[str], compact: bool) -> list[list[str]]:
+    body = []
+    for backbone, methods in REFERENCE.items():
+        for method, vals in methods.items():
+            row = [f"paper ({backbone}): {method}"]
+            for t in tasks:
+                row += [f"{v:.1f}" for v in vals[t]] + ([] if compact else ["–"])
+            mean = [f"{sum(vals[t]) / len(METRICS):.1f}" for t in tasks]
+            body.append(row + mean + ["reference"])
+    return body
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0 2rem;font-size:.9rem}
+th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
+tr:nth-child(even) td{background:#fafafa}caption{caption-side:bottom;text-align:left;color:#555;padding-top:.4rem}"""
+
+
+def _html_page(tables: list[tuple[str, list[str], list[list[str]]]], note: str) -> str:
+    e = html.escape
+    parts = []
+    for title, header, body in tables:
+        th = "".join(f"<th>{e(h)}</th>" for h in header)
+        trs = "\n".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body)
+        parts.append((f"<h2>{e(title)}</h2>\n" if title else "")
+                     + f"<table>\n<caption>{e(note)}</caption>\n<thead><tr>{th}</tr></thead>\n<tbody>\n{trs}\n</tbody>\n</table>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>mmke report</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n<h1>mmke report</h1>\n"
+            + "\n".join(parts) + "\n</body>\n</html>\n")
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    ivs = _cell_intervals(s, False) if "intervals" in s else None
+    vals = " ".join(f"{SHORT[k]} {100 * s['metrics'][k]:.1f}" for k in METRICS)
+    mean = f" | mean {fmt_interval(ivs['mean'])}" if ivs else ""
+    return f"{s['model']} {s['method']} {s['task']} ({s['n_cases']} cases): {vals}{mean}"
+
+
+# ---- paired comparison -------------------------------------------------------------------------
+def compare(dir_a: str | Path, dir_b: str | Path, *, exact_match: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Paired differences A - B on the cases both runs evaluated (matched by case key: record
+    index and content), per metric and for the mean of the five."""
+    sa, sb = (collect([Path(d)])[0] for d in (dir_a, dir_b))
+    if sa["task"] != sb["task"]:
+        raise ValueError(f"{dir_a} is a {sa['task']} run and {dir_b} a {sb['task']} run: nothing to pair")
+    ra = {r["key"]: r for r in case_rows(dir_a)}
+    rb = {r["key"]: r for r in case_rows(dir_b)}
+    shared = sorted(set(ra) & set(rb), key=lambda k: ra[k]["index"])
+    if not shared:
+        raise ValueError(f"{dir_a} and {dir_b} share no case (other data, or other samples?)")
+    key = "metrics_exact_match" if exact_match else "metrics"
+    out: dict[str, Any] = {"a": str(dir_a), "b": str(dir_b), "method_a": sa["method"], "method_b": sb["method"],
+                           "task": sa["task"], "n_shared": len(shared), "n_a": len(ra), "n_b": len(rb),
+                           "metric": "exact match" if exact_match else "token accuracy", "rows": {}}
+    cols: dict[str, tuple[list[float], list[float]]] = {
+        k: ([ra[c][key][k] for c in shared], [rb[c][key][k] for c in shared]) for k in METRICS}
+    hard = [c for c in shared if ra[c].get("m_loc_hard")]
+    if hard:
+        cols[HARD_M_LOCALITY] = ([ra[c][key]["m_locality"] for c in hard], [rb[c][key]["m_locality"] for c in hard])
+    cols["mean"] = ([sum(ra[c][key][k] for k in METRICS) / len(METRICS) for c in shared],
+                    [sum(rb[c][key][k] for k in METRICS) / len(METRICS) for c in shared])
+    for k, (a, b) in cols.items():
+        pd = paired_difference(a, b, seed=seed)
+        out["rows"][k] = {"a": sum(a) / len(a), "b": sum(b) / len(b), "diff": pd.diff.mean,
+                          "lo": pd.diff.lo, "hi": pd.diff.hi, "p_value": pd.p_value, "n": len(a),
+                          "a_ci": bootstrap_ci(a, seed=seed).as_dict(), "b_ci": bootstrap_ci(b, seed=seed).as_dict()}
+    return out
+
+
+def render_compare(c: dict[str, Any]) -> str:
+    """Markdown table of :func:`compare`'s result, with a one-line verdict per metric."""
+    a, b = c["method_a"], c["method_b"]
+    lines = [f"{c['a']} ({a}) vs {c['b']} ({b}), task {c['task']}: {c['n_shared']} shared cases "
+             f"(of {c['n_a']} / {c['n_b']}); {c['metric']}, percent; 95% paired bootstrap interval of A - B, "
+             "two-sided sign-flip p-value", "",
+             f"| metric | A ({a}) | B ({b}) | A - B [95% CI] | p | n | verdict |", "|---|---|---|---|---|---|---|"]
+    for k, r in c["rows"].items():
+        verdict = (f"{a} higher" if r["lo"] > 0 else f"{b} higher" if r["hi"] < 0 else "no difference shown")
+        lines.append(f"| {SHORT[k]} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} "
+                     f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {r['p_value']:.3g} | {r['n']} | {verdict} |")
+    return "\n".join(lines)

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mmke.data import easyvqa_source as ev
+from mmke.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text
 from mmke.models.base import Example, target_nll
 from mmke.models.default import (COLOURS, SHAPES, WEIGHTS_DIR, DefaultAdapter, DefaultVLM,
                                  LoRALinear, add_lora, image_to_tensor, smollm2_dir,
@@ -139,8 +140,8 @@ def train_base(cfg: BaseTrainConfig) -> dict:
         vision_acc = train_vision(model, cfg)
         for p in model.vision.parameters():
             p.requires_grad_(False)
-        save_file(model.vision.state_dict(), str(vis_ckpt))
-        (ckpt_dir / "vision.json").write_text(json.dumps({"acc": vision_acc}))
+        atomic_save_safetensors(model.vision.state_dict(), vis_ckpt)
+        atomic_write_json(ckpt_dir / "vision.json", {"acc": vision_acc})
 
     # ---- phase 2 ----
     loras = add_lora(lm, cfg.lora_layers, cfg.lora_r, cfg.lora_alpha)
@@ -181,10 +182,9 @@ def train_base(cfg: BaseTrainConfig) -> dict:
             losses.append(loss.item())
             bar.update(task, advance=1, description=f"end-to-end (LoRA) loss={loss.item():.3f}")
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-                save_file(_lora_state(loras), str(state_f) + ".tmp")
-                Path(str(state_f) + ".tmp").replace(state_f)
-                torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1}, ckpt_dir / "optim.pt.tmp")
-                (ckpt_dir / "optim.pt.tmp").replace(ckpt_dir / "optim.pt")
+                atomic_save_safetensors(_lora_state(loras), state_f)
+                atomic_torch_save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1},
+                                  ckpt_dir / "optim.pt")
                 with open(ckpt_dir / "train_log.jsonl", "a") as f:
                     f.write(json.dumps({"step": step + 1, "loss_mean_recent": sum(losses[-25:]) / len(losses[-25:]),
                                         "elapsed_s": time.time() - t0}) + "\n")
@@ -195,10 +195,10 @@ def train_base(cfg: BaseTrainConfig) -> dict:
     state = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
     state.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
     state.update(_lora_state(loras))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(
-        {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_layers": cfg.lora_layers,
-         "lora_targets": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}, indent=1))
+    atomic_save_safetensors(state, out / "model.safetensors")
+    atomic_write_json(out / "config.json",
+                      {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_layers": cfg.lora_layers,
+                       "lora_targets": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]})
 
     # ---- evaluate on the test split with the merged model, as users load it ----
     from mmke.models.default import load_default
@@ -212,10 +212,10 @@ def train_base(cfg: BaseTrainConfig) -> dict:
                    "final_loss_mean_last25": sum(losses[-25:]) / max(len(losses[-25:]), 1) if losses else None})
     preds = result.pop("predictions")
     preds["weights"] = weights_digest(out)
-    (out / "predictions.json").write_text(json.dumps(preds))
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(out / "predictions.json", preds, indent=None)
+    atomic_write_json(out / "metrics.json", result)
     if (ckpt_dir / "train_log.jsonl").exists():
-        (out / "train_log.jsonl").write_text((ckpt_dir / "train_log.jsonl").read_text())
+        atomic_write_text(out / "train_log.jsonl", (ckpt_dir / "train_log.jsonl").read_text())
     write_card(out, f"mmke train base --steps {cfg.steps} --seed {cfg.seed}"
                     + ("" if Path(cfg.out) == WEIGHTS_DIR else f" --out {cfg.out}"))
     return result

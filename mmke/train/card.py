@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mmke.io import atomic_write_text
+
 
 def write_card(out: Path, command: str) -> Path:
     m = json.loads((out / "metrics.json").read_text())
@@ -47,6 +49,4 @@ on {m['hardware']}.
 Test captions are scored on the test images whose colour and shape the easy-VQA questions
 determine.
 """
-    f = out / "MODEL_CARD.md"
-    f.write_text(text)
-    return f
+    return atomic_write_text(out / "MODEL_CARD.md", text)

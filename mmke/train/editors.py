@@ -32,10 +32,10 @@ from pydantic import BaseModel, ConfigDict
 
 from mmke.editors.base import EditRequest
 from mmke.editors.trained import TrainedEditor, save_weights
-from mmke.eval.metrics import agreement, token_accuracy
-from mmke.eval.protocol import INPUT_KINDS, case_inputs
+from mmke.io import atomic_torch_save, atomic_write_text
 from mmke.models.base import Example, ModelAdapter
 from mmke.progress import progress
+from mmke.scoring import INPUT_KINDS, case_inputs, case_metrics, run_case
 from mmke.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -95,29 +95,18 @@ def make_cases(records: list, task: TaskSpec, adapter: ModelAdapter) -> list[Tra
 def validate(editor: TrainedEditor, cases: list[TrainCase]) -> dict[str, float]:
     """The evaluation protocol on held-out train cases: edit, score the five inputs, restore."""
     scores: dict[str, list[float]] = {k: [] for k in INPUT_KINDS}
-    adapter = editor.adapter
     for c in cases:
-        exs = [c.inputs[k] for k in INPUT_KINDS]
-        pre = adapter.run(exs).logits.argmax(-1)
+        pre = run_case(editor.adapter, c.inputs)
         handle = editor.edit(c.request)
-        v = adapter.run(exs)
+        post = run_case(editor.adapter, c.inputs)
         handle.remove()
-        acc = token_accuracy(v)
-        post = v.logits.argmax(-1)
-        for i, k in enumerate(INPUT_KINDS):
-            if k in ("t_locality", "m_locality"):
-                a, _ = agreement(pre[i:i + 1], post[i:i + 1], v.mask[i:i + 1])
-                scores[k].append(a.item())
-            else:
-                scores[k].append(acc[i].item())
+        for k, v in case_metrics(pre, post)[0].items():
+            scores[k].append(v)
     return {k: statistics.fmean(v) for k, v in scores.items()}
 
 
 def _checkpoint(ck: Path, editor: TrainedEditor, opt, step: int) -> None:
-    ck.mkdir(parents=True, exist_ok=True)
-    tmp = ck / "last.pt.tmp"
-    torch.save({"module": editor.module.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-    tmp.replace(ck / "last.pt")
+    atomic_torch_save({"module": editor.module.state_dict(), "opt": opt.state_dict(), "step": step}, ck / "last.pt")
 
 
 def train_editor(editor: TrainedEditor, train_records: list, out: str | Path,
@@ -252,9 +241,7 @@ top-1 agreement, percent):
 **Architecture options**
 {arch}
 """
-    f = out / "CARD.md"
-    f.write_text(text)
-    return f
+    return atomic_write_text(out / "CARD.md", text)
 
 
 def train_method(method: str, task: str, model: str = "default", out: str | Path | None = None,

@@ -32,15 +32,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mmke.editors.trained import save_weights
 from mmke.editors.unike.encoders import UniKEEncoders, semantic_loss, supcon_loss
 from mmke.editors.unike.memory import LatentMemory, shift, site_outputs
-from mmke.eval.protocol import INPUT_KINDS, case_inputs
+from mmke.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from mmke.models.base import Example, ModelAdapter, state_digest, target_positions
 from mmke.paths import cache_dir
 from mmke.progress import progress
+from mmke.scoring import INPUT_KINDS, case_inputs
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,8 @@ def load_or_collect(editor, records: list, all_records: list) -> Triplets:
     pool = candidate_answers(all_records)
     answers = sorted({r.alt.strip() for r in all_records})
     tr = collect_triplets(adapter, task, records, editor.layers, site, pool, answers)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"sem": tr.sem, "pos": tr.pos, "neg": tr.neg, "reph": tr.reph, "calib": tr.calib}, str(f))
-    m.write_text(json.dumps(tr.info))
+    atomic_save_safetensors({"sem": tr.sem, "pos": tr.pos, "neg": tr.neg, "reph": tr.reph, "calib": tr.calib}, f)
+    atomic_write_json(m, tr.info, indent=None)
     return tr
 
 
@@ -366,6 +366,4 @@ counterfactual target, one-step protocol, full UniKE, percent):
 **Architecture options**
 {arch}
 """
-    f = out / "CARD.md"
-    f.write_text(text)
-    return f
+    return atomic_write_text(out / "CARD.md", text)

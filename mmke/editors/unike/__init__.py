@@ -1,6 +1,5 @@
 """UniKE: unified intrinsic + latent in-context knowledge editing (SPEC §5).
 
-- :mod:`.tail` runs only the last LM layers from cached inputs (the fast edit loop);
 - :mod:`.intrinsic` new FFN key-value neurons and their training;
 - :mod:`.memory` the latent-IKE memory and the shift of the edited layers' outputs;
 - :mod:`.encoders` the semantic and truthfulness encoders and their contrastive losses;

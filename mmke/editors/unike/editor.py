@@ -4,7 +4,7 @@ the same layers, made to cooperate through a semantic and a truthfulness space (
 One edit, in order:
 
 1. one full forward pass of the edit input caches the inputs of the first edited layer
-   (:mod:`~mmke.editors.unike.tail`) and the edit's hidden states at the edited layers;
+   (:mod:`~mmke.editors.tail`) and the edit's hidden states at the edited layers;
 2. external knowledge: latent IKE retrieves the top-K memory entries per layer and installs the
    shift of the edited layers' outputs (:mod:`~mmke.editors.unike.memory`), with fixed s or the
    dynamic, semantic s; or (variant ``unike-intrinsic-ike``) ordinary prompt IKE;
@@ -36,9 +36,9 @@ from mmke.editors.unike.encoders import UniKEEncoders
 from mmke.editors.unike.intrinsic import (EditPatch, LocalityMemory, ffn_inputs_at_targets, record_ffn_inputs,
                                           shrink_values, train_patches)
 from mmke.editors.unike.memory import LatentMemory, LatentShift, site_outputs
-from mmke.editors.unike.tail import TailRunner
-from mmke.eval.protocol import case_inputs
+from mmke.editors.tail import TailRunner
 from mmke.models.base import target_positions
+from mmke.scoring import case_inputs
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,11 @@ class UniKEEditor(TrainedEditor):
             self.ike = IKEEditor(adapter, IKEConfig(k=cfg.ike_k), train_records=train_records, task=task)
 
     # ---- what needs what ----------------------------------------------------------------
+    @classmethod
+    def uses_train_records(cls, config) -> bool:
+        """The new neurons' locality memory and prompt IKE's demonstrations come from the train split."""
+        return config.intrinsic or config.external == "ike"
+
     @staticmethod
     def needs_weights(cfg: UniKEConfig) -> bool:
         """Latent IKE and zeta read the memory (and the encoders); the rest needs nothing trained."""

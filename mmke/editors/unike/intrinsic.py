@@ -10,7 +10,7 @@ inputs at the positions that predict the target and biases between the edit and 
 the neurons fire on the edit, not on the memory, from the first step; values start at 0, so a
 fresh patch changes nothing until trained.
 
-Training minimises the target NLL (through :class:`~mmke.editors.unike.tail.TailRunner`, i.e. the
+Training minimises the target NLL (through :class:`~mmke.editors.tail.TailRunner`, i.e. the
 last L layers only) plus T-Patcher's optional activation loss (each neuron's peak pre-activation on
 the edit's target positions reaches ``margin``) and memory loss (pre-activations on the locality
 memory, FFN inputs of other train-split inputs, stay below ``-mem_margin``).
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mmke.editors.patch import FFNPatch
-from mmke.editors.unike.tail import TailCache, TailRunner
+from mmke.editors.tail import TailCache, TailRunner
 from mmke.models.base import Example, ModelAdapter, target_nll, target_positions
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,10 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mmke.editors.unike.encoders import UniKEEncoders
+from mmke.io import atomic_save_safetensors, atomic_write_json
 from mmke.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,9 @@ class LatentMemory:
     def save(self, d: str | Path) -> None:
         d = Path(d)
         d.mkdir(parents=True, exist_ok=True)
-        t = {k: getattr(self, k).half().contiguous() for k in ("sem", "pos", "neg")}
-        tmp = d / (MEMORY_FILE + ".tmp")
-        save_file(t, str(tmp))
-        tmp.replace(d / MEMORY_FILE)
+        atomic_save_safetensors({k: getattr(self, k).half() for k in ("sem", "pos", "neg")}, d / MEMORY_FILE)
         meta = {**self.meta, "layers": self.layers, "n_entries": len(self), "digest": self.digest()}
-        (d / MEMORY_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        atomic_write_json(d / MEMORY_META, meta, sort_keys=True)
 
     @classmethod
     def load(cls, d: str | Path) -> "LatentMemory":

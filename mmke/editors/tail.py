@@ -1,4 +1,5 @@
-"""Run only the last LM layers from cached inputs: the fast path of UniKE's edit optimisation.
+"""Run only the last LM layers from cached inputs: the fast path of edits that change only the
+last layers (UniKE, T-Patcher).
 
 Every edit step of UniKE changes only the last L layers (new FFN neurons, latent-IKE shifts), so
 the inputs of the first edited layer do not change from step to step. One full forward pass
@@ -103,7 +104,7 @@ class TailRunner:
         cache.hidden, cache.kwargs = box["hidden"], kwargs
         tail = self.run(cache)
         if not torch.allclose(tail.logits, view.logits, atol=1e-3, rtol=1e-3):
-            log.warning("unike: the last-layers fast path differs from the full forward on %s; "
+            log.warning("the last-layers fast path differs from the full forward on %s; "
                         "using full forward passes (slower)", self.adapter.name)
             self.enabled = False
             cache.hidden = None

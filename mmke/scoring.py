@@ -1,0 +1,148 @@
+"""The evaluation protocol's scoring (SPEC §3): one case's five inputs, and their metrics.
+
+One module for everyone who scores an edit — the runner (``mmke run``), editor training's
+validation, benchmarks and editors that need a case's inputs — so that the five inputs, the
+metric definitions and the batching are the same everywhere.
+
+Metrics, on logits aligned with target tokens (teacher forcing):
+
+- edit metrics (Reliability, T-/M-Generality): the fraction of target tokens whose top-1
+  prediction is the target token (token accuracy, the MMEdit paper's number) and whether all of
+  them are (exact match);
+- locality (T-/M-Locality): the fraction of target positions where the post-edit top-1
+  prediction equals the pre-edit one (exact match: all positions agree). The reference
+  implementation's M-Locality variant compares top-10 predictions rank by rank over every text
+  position of the question and answer.
+
+Pre- and post-edit outputs of a case come from the same call (:func:`run_case`: one batch of the
+five inputs, in the same order, with the same padding), so batching can never show up as a
+locality loss; a null edit gives locality exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from mmke.data.schema import is_hard_m_loc
+from mmke.models.base import Example, ModelAdapter, TargetView
+from mmke.tasks import VQA_TEMPLATE, TaskSpec
+
+INPUT_KINDS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+EDIT_METRICS = INPUT_KINDS[:3]
+LOCALITY_METRICS = INPUT_KINDS[3:]
+METRICS = INPUT_KINDS
+#: sub-metric: M-Locality over the cases whose unrelated-image question is the edit's own question
+HARD_M_LOCALITY = "m_locality_hard"
+
+
+# ---- metric definitions ----------------------------------------------------------------------
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def token_accuracy(view: TargetView) -> torch.Tensor:
+    """[B] fraction of target tokens predicted (top-1) correctly."""
+    return _masked_mean(view.logits.argmax(-1) == view.target_ids, view.mask)
+
+
+def exact_match(view: TargetView) -> torch.Tensor:
+    """[B] 1.0 where every target token is predicted correctly."""
+    ok = (view.logits.argmax(-1) == view.target_ids) | ~view.mask
+    return ok.all(-1).float()
+
+
+def agreement(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (fraction of agreeing positions, all positions agree) for top-1 ids [B, L]."""
+    same = pre == post
+    return _masked_mean(same, mask), (same | ~mask).all(-1).float()
+
+
+def topk_agreement(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference-implementation variant: top-k ids [B, L, k] compared rank by rank."""
+    same = (pre == post).float().mean(-1)  # [B, L] fraction of ranks that agree
+    return _masked_mean(same, mask), ((same == 1) | ~mask).all(-1).float()
+
+
+# ---- the five inputs of a case ---------------------------------------------------------------
+def case_inputs(record, task: TaskSpec, load_image: Callable[[str], Image.Image],
+                reference_m_locality: bool = False) -> dict[str, Example]:
+    """The five inputs of one case. Edit targets get a leading space; locality inputs are scored
+    against the pre-edit model at the positions of their gold answer.
+
+    The unrelated-image question is a VQA question in the VQA template (MMEdit's convention, for
+    both tasks), except the hard kind — the edit's own question about another image — which keeps
+    the task's template (a caption prompt stays a caption prompt). With ``reference_m_locality``
+    the M-Locality input scores every text position (the reference implementation's variant) by
+    making the whole question + answer the scored span."""
+    img = load_image(record.image_path)
+    target = " " + record.alt.strip()
+    m_img = load_image(record.m_loc_path)
+    m_q = task.prompt(record.m_loc_q) if is_hard_m_loc(record) else VQA_TEMPLATE.format(record.m_loc_q)
+    m_loc = (Example("", m_q + " " + record.m_loc_a.strip(), m_img) if reference_m_locality
+             else Example(m_q, " " + record.m_loc_a.strip(), m_img))
+    return {
+        "reliability": Example(task.prompt(record.src), target, img),
+        "t_generality": Example(task.prompt(record.rephrase), target, img),
+        "m_generality": Example(task.prompt(record.src), target, load_image(record.image_rephrase_path)),
+        "t_locality": Example(record.loc, " " + record.loc_ans.strip(), None),
+        "m_locality": m_loc,
+    }
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+@dataclass
+class InputOutputs:
+    """What the model said on one input, at its target positions: token accuracy and exact match
+    against the input's target, and the top-1 (and top-k) predicted ids ``[L]`` / ``[L, k]``."""
+
+    acc: float
+    em: float
+    top1: torch.Tensor
+    topk: torch.Tensor | None = None
+
+
+CaseOutputs = dict[str, InputOutputs]
+
+
+@torch.no_grad()
+def run_case(adapter: ModelAdapter, inputs: dict[str, Example], topk: int = 1) -> CaseOutputs:
+    """The outputs of one case's five inputs: one batched forward in ``INPUT_KINDS`` order. The one
+    path for pre-edit and post-edit outputs alike."""
+    v = adapter.run([inputs[k] for k in INPUT_KINDS])
+    acc, em = token_accuracy(v), exact_match(v)
+    top1 = v.logits.argmax(-1)
+    tk = v.logits.topk(topk, -1).indices if topk > 1 else None
+    out: CaseOutputs = {}
+    for i, kind in enumerate(INPUT_KINDS):
+        n = int(v.mask[i].sum())  # targets are left-aligned: keep their span only
+        out[kind] = InputOutputs(acc[i].item(), em[i].item(), top1[i, :n].cpu(),
+                                 tk[i, :n].cpu() if tk is not None else None)
+    return out
+
+
+def case_metrics(pre: CaseOutputs, post: CaseOutputs, reference_m_locality: bool = False
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """(token-level metrics, exact-match metrics) of one case from its pre- and post-edit outputs."""
+    m, e = {}, {}
+    for kind in EDIT_METRICS:
+        m[kind], e[kind] = post[kind].acc, post[kind].em
+    for kind in LOCALITY_METRICS:
+        a, b = pre[kind], post[kind]
+        if kind == "m_locality" and reference_m_locality:
+            if a.topk is None or b.topk is None:
+                raise ValueError("reference M-Locality needs top-10 outputs (run_case(..., topk=10))")
+            pa, pb = a.topk, b.topk
+            fn = topk_agreement
+        else:
+            pa, pb, fn = a.top1, b.top1, agreement
+        if pa.shape != pb.shape:  # a different tokenisation of the same input cannot happen: fail loudly
+            raise RuntimeError(f"{kind}: pre- and post-edit outputs cover {tuple(pa.shape)} vs "
+                               f"{tuple(pb.shape)} positions")
+        mask = torch.ones(1, pa.shape[0], dtype=torch.bool)
+        x, y = fn(pa[None], pb[None], mask)
+        m[kind], e[kind] = x.item(), y.item()
+    return m, e

@@ -1,0 +1,197 @@
+"""Protocol guards: the null editor changes nothing on every model family, pre- and post-edit
+outputs share one batching path, intervals are right on hand-computed examples, runs refuse
+changed inputs on resume, writes are atomic, and reports never merge what differs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmke.cli import app
+from mmke.eval.report import collect, compare, render, render_compare
+from mmke.eval.runner import Run, RunConfig
+from mmke.eval.stats import bootstrap_ci, paired_difference, sign_flip_p_value
+from mmke.io import atomic_write_json
+from mmke.models.tiny import tiny_blip2, tiny_llava
+from mmke.scoring import HARD_M_LOCALITY, METRICS
+
+from toydata import write_toy_mmedit
+
+TINY = {"tiny-blip2": tiny_blip2, "tiny-llava": tiny_llava}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Toy MMEdit data whose even records have a hard M-Locality input (the edit's own question)."""
+    root = tmp_path_factory.mktemp("toy")
+    f = write_toy_mmedit(root, n=6)
+    recs = json.loads(f.read_text())
+    for i, r in enumerate(recs):
+        if i % 2 == 0:
+            r["m_loc_q"], r["m_loc_a"] = r["src"], "red"
+    f.write_text(json.dumps(recs))
+    return f
+
+
+def _run(model, adapter, data, out, method="null", **kw):
+    cfg = RunConfig(model=model, method=method, data=str(data), train_data=str(data), **kw)
+    return Run(cfg, out, adapter=adapter).execute()
+
+
+def _check_null(summary, out):
+    assert summary["n_cases"] == 6 and summary["n_hard_m_locality"] == 3
+    for row in (json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()):
+        for kind in ("t_locality", "m_locality"):
+            assert row["metrics"][kind] == 1.0 and row["metrics_exact_match"][kind] == 1.0
+        for kind in ("reliability", "t_generality", "m_generality"):
+            assert row["metrics"][kind] == row["pre_edit"][kind]
+    assert summary["metrics"][HARD_M_LOCALITY] == 1.0
+    assert summary["metrics"]["reliability"] == summary["pre_edit_metrics"]["reliability"]
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_null_editor_changes_nothing_on_tiny_families(model, toy, tmp_path, one_thread):
+    adapter = TINY[model](seed=0)
+    out = tmp_path / model
+    _check_null(_run(model, adapter, toy, out), out)
+    s = _run(model, adapter, toy, tmp_path / "ref", m_locality="reference-top10")
+    assert s["metrics"]["m_locality"] == 1.0 and s["metrics"]["t_locality"] == 1.0
+
+
+@pytest.mark.slow
+def test_null_editor_changes_nothing_on_the_default_model(default_adapter, toy, tmp_path):
+    _check_null(_run("default", default_adapter, toy, tmp_path / "d"), tmp_path / "d")
+
+
+# ---- intervals (hand-computed) --------------------------------------------------------------
+def test_bootstrap_interval_hand_computed():
+    # [0, 0, 1]: the 27 equally likely resamples have 0/1/2/3 ones with probability 8/12/6/1 (/27):
+    # means 0, 1/3, 2/3, 1 with cumulative shares .296, .741, .963, 1 -> 2.5%: 0, 97.5%: 1
+    iv = bootstrap_ci([0, 0, 1])
+    assert (iv.mean, iv.lo, iv.hi, iv.n) == (pytest.approx(1 / 3), 0.0, 1.0, 3)
+    # [0, 1, 1, 1]: 4^4 resamples; P(all four draws are 1) = (3/4)^4 = .316 > .025, so the upper
+    # end is 1; the lower end is the smallest mean whose cumulative share reaches .025:
+    # P(mean 0) = (1/4)^4 = .004, P(mean <= .25) = .004 + 4 (1/4)^3 (3/4) = .051 -> .25
+    iv = bootstrap_ci([0, 1, 1, 1])
+    assert (iv.lo, iv.hi) == (0.25, 1.0)
+    assert bootstrap_ci([0.5] * 40).lo == bootstrap_ci([0.5] * 40).hi == 0.5
+    a = bootstrap_ci(list(range(100)), seed=3)
+    assert a == bootstrap_ci(list(range(100)), seed=3) and a.lo < 49.5 < a.hi  # seeded, contains the mean
+
+
+def test_paired_test_hand_computed():
+    # sign flips of [1, 1, 1]: only the two same-sign assignments of 8 reach |mean| 1
+    assert sign_flip_p_value([1, 1, 1]) == 0.25
+    # [1, 2]: means 1.5, -0.5, 0.5, -1.5 -> 2 of 4 reach 1.5
+    assert sign_flip_p_value([1, 2]) == 0.5
+    assert sign_flip_p_value([0, 0, 0]) == 1.0
+    d = paired_difference([1.0] * 30, [0.0] * 30)
+    assert d.excludes_zero and d.diff.mean == 1.0 and d.p_value < 0.001
+    d = paired_difference([1, 0, 1, 0] * 5, [0, 1, 0, 1] * 5)
+    assert not d.excludes_zero and d.p_value > 0.5
+
+
+# ---- resume refuses changed inputs ------------------------------------------------------------
+def test_resume_refuses_changed_inputs_and_failed_start_writes_nothing(toy, tmp_path, one_thread):
+    adapter = tiny_llava(seed=0)
+    out = tmp_path / "r"
+    with pytest.raises(Exception):
+        _run("tiny-llava", adapter, tmp_path / "missing.json", out)
+    assert not out.exists()  # a failed start leaves nothing
+    _run("tiny-llava", adapter, toy, out, limit=2)
+    with pytest.raises(ValueError, match="different configuration"):
+        _run("tiny-llava", adapter, toy, out, limit=3)
+    with pytest.raises(ValueError, match="the model's weights"):
+        _run("tiny-llava", tiny_llava(seed=1), toy, out, limit=2)
+    run = json.loads((out / "run.json").read_text())
+    run["provenance"]["versions"]["torch"] = "0.0.1"
+    atomic_write_json(out / "run.json", run)
+    with pytest.raises(ValueError, match=r"library versions \(torch 0.0.1 -> "):
+        _run("tiny-llava", adapter, toy, out, limit=2)
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+_WRITER = """
+import sys, time
+from pathlib import Path
+from mmke.io import atomic_write_bytes
+def chunks():
+    yield b'{"new": ' + b'1' * 100000
+    Path(sys.argv[2]).touch()  # half written: tell the test
+    time.sleep(60)
+    yield b'}'
+atomic_write_bytes(sys.argv[1], chunks())
+"""
+
+
+def test_kill_during_write_leaves_the_old_file(tmp_path):
+    f = tmp_path / "summary.json"
+    atomic_write_json(f, {"old": True})
+    marker = tmp_path / "half"
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(f), str(marker)])
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the writer never got half-way"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert json.loads(f.read_text()) == {"old": True}
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".summary.json")]  # the orphaned temp
+    atomic_write_json(f, {"new": 1})
+    assert json.loads(f.read_text()) == {"new": 1}
+
+
+# ---- reports and comparisons ----------------------------------------------------------------------
+def test_report_keeps_differing_runs_apart_and_compare_pairs_cases(toy, tmp_path, one_thread):
+    adapter = tiny_llava(seed=0)
+    _run("tiny-llava", adapter, toy, tmp_path / "runs" / "null")
+    _run("tiny-llava", adapter, toy, tmp_path / "runs" / "ft", method="ft-lm", method_config={"steps": 3})
+    _run("tiny-llava", adapter, toy, tmp_path / "runs" / "ft4", method="ft-lm", limit=4,
+         method_config={"steps": 3})
+    sums = collect([tmp_path / "runs"])
+    table = render(sums)
+    rows = [r for r in table.splitlines() if r.startswith("| ft-lm")]
+    assert len(rows) == 2 and any("limit=4" in r for r in rows) and any("limit=None" in r for r in rows)
+    assert "[" in rows[0] and "M-Loc hard" in table  # intervals and the hard sub-metric
+    page = render(sums, fmt="html")
+    assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page and page.rstrip().endswith("</html>")
+    from html.parser import HTMLParser
+
+    class Tags(HTMLParser):
+        seen: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.seen.append(tag)
+
+    parser = Tags()
+    parser.feed(page)
+    assert {"html", "head", "body", "table", "style", "title"} <= set(parser.seen)
+    c = compare(tmp_path / "runs" / "ft", tmp_path / "runs" / "null")
+    assert c["n_shared"] == 6 and set(c["rows"]) == set(METRICS) | {HARD_M_LOCALITY, "mean"}
+    assert c["rows"]["t_locality"]["b"] == 1.0 and c["rows"]["t_locality"]["diff"] <= 0
+    assert "A - B" in render_compare(c)
+    r = CliRunner().invoke(app, ["compare", str(tmp_path / "runs" / "ft4"), str(tmp_path / "runs" / "null")])
+    assert r.exit_code == 0 and "4 shared cases" in r.output
+    r = CliRunner().invoke(app, ["compare", str(tmp_path / "runs" / "ft"), str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no summary.json" in r.output
+
+
+def test_pre_and_post_use_one_batching_path(toy, one_thread):
+    """run_case is the only scoring path: the same five inputs, the same batch, the same outputs."""
+    from mmke.data.schema import load_records
+    from mmke.scoring import case_inputs, run_case
+    from mmke.tasks import TASKS
+
+    adapter = tiny_blip2(seed=0)
+    rec = load_records(toy).records[0]
+    x = case_inputs(rec, TASKS["vqa"], adapter.load_image)
+    a, b = run_case(adapter, x), run_case(adapter, x)
+    for k in a:
+        assert torch.equal(a[k].top1, b[k].top1) and a[k].acc == b[k].acc
