@@ -177,7 +177,10 @@ def train_cmd(
     method: Optional[str] = typer.Option(None, help="trainable editor: mend, mend-vision, ke, serac, unike"),
     task: str = typer.Option("vqa", help="vqa or caption (editors are trained per task)"),
     model: str = typer.Option("default", help="model name or hf:<path-or-id>"),
-    out: Optional[Path] = typer.Option(None, help="output directory (default: the bundled weights)"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: a user directory under the "
+                                                   "mmke cache, printed; pass it to `mmke run --set weights=DIR`)"),
+    replace_bundled: bool = typer.Option(False, help="overwrite the weights shipped with mmke for the "
+                                                     "default model (maintainers only)"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps (base: 500; editors: 300)"),
     batch_size: Optional[int] = typer.Option(None, help="edit cases per step (editors)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (editors)"),
@@ -200,11 +203,18 @@ def train_cmd(
     if what is not None:
         if what != "base":
             raise typer.BadParameter(f"cannot train {what!r}; use `base`, or --method for an editor")
+        from mmke.models.default import WEIGHTS_DIR
+        from mmke.paths import cache_dir
         from mmke.train.base_model import BaseTrainConfig, train_base
 
-        cfg = BaseTrainConfig(steps=steps or 500, seed=seed, **({"out": str(out)} if out else {}))
-        result = train_base(cfg)
-        console.print_json(json.dumps(result))
+        if replace_bundled and out is not None:
+            raise typer.BadParameter("give either --out or --replace-bundled")
+        target = WEIGHTS_DIR if replace_bundled else (out or cache_dir() / "trained" / "default-base")
+        console.print(f"training the default model's vision tower, projector and LoRA into {target}")
+        result = train_base(BaseTrainConfig(steps=steps or 500, seed=seed, out=str(target)))
+        console.print_json(json.dumps({k: v for k, v in result.items() if k != "train_config"}))
+        console.print(f"weights in {target}" + ("" if replace_bundled else
+                      " (load them with mmke.models.default.DefaultAdapter(weights_dir=...))"))
         return
     from mmke.train.editors import EditorTrainConfig, train_method
 
@@ -213,9 +223,13 @@ def train_cmd(
     with _user_errors():
         cfg = EditorTrainConfig(**{k: v for k, v in given.items() if v is not None})
         meta = train_method(method, task, model, out, cfg, _parse_sets(set_),
-                            str(train_data) if train_data else None, str(image_root) if image_root else None)
+                            str(train_data) if train_data else None, str(image_root) if image_root else None,
+                            replace_bundled=replace_bundled)
     console.print_json(json.dumps({k: meta[k] for k in ("method", "task", "model", "validation",
                                                          "train_wall_s_total")}))
+    where = meta["command"].split(" --out ")[-1] if " --out " in meta["command"] else "the bundled weights"
+    console.print(f"weights in {where}; use them with `mmke run --method {method} --task {task} "
+                  f"--set weights={where}`" if " --out " in meta["command"] else f"weights in {where}")
 
 
 @app.command("list")

@@ -8,6 +8,7 @@ orphaned ``.<name>.<random>.tmp`` file stays behind, which nothing reads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors",
-           "atomic_torch_save"]
+           "atomic_torch_save", "file_digest"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> Path:
@@ -67,3 +68,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 (16 hex) of a file's bytes, or None without a file."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

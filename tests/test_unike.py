@@ -293,3 +293,40 @@ def test_intrinsic_ike_variant_edits_with_a_prompt_and_restores(records, tmp_pat
     h2 = ed.load(tmp_path / "e")
     assert torch.equal(_logits(adapter, [ex]), edited)
     h2.remove()
+
+
+def test_unike_is_the_papers_method_and_unike_plus_the_named_variant(records, trained_dir):
+    from mmke.editors.unike import UniKEPlusEditor
+    from mmke.editors.unike.memory import LatentShift
+
+    paper, plus = UniKEConfig(), UniKEPlusEditor.Config()
+    assert (paper.site, paper.key_init, paper.s_calibrated, paper.layers, paper.n_neurons, paper.k) == \
+        ("attn", "trained", False, 4, 10, 40)
+    assert (plus.site, plus.key_init, plus.s_calibrated) == ("layer", "whitened", True)
+    assert UniKEPlusEditor.weights_name == "unike-plus" != UniKEEditor.weights_name
+    adapter = tiny_llava()
+    ed = _full(adapter, records, trained_dir)
+    h = ed.edit(EditRequest(Example("what color is the shape?", " blue", _img((200, 10, 10)))))
+    for l in ed.layers:  # latent IKE shifts the self-attention output, not the layer output
+        assert adapter.site(f"lm.attn_out.{l}")._forward_hooks and not adapter.lm_layers()[l]._forward_hooks
+    h.remove()
+    # the memory was built at the attention output: unike-plus (layer output) refuses it clearly
+    with pytest.raises(ValueError, match="site 'attn'"):
+        UniKEPlusEditor(adapter, UniKEPlusEditor.Config(**FAST, k=4, memory_entries=8, weights=str(trained_dir)),
+                        task=TASKS["vqa"], train_records=records, model_name="tiny-llava")
+    # the paper's s ignores the calibrated floor the encoders carry; unike-plus applies it
+    enc = ed.module
+    enc.s_floor.fill_(0.5)
+    ex = Example("what color is the shape?", " blue", _img((200, 10, 10)))
+    got = {}
+    for calibrated in (False, True):
+        l = ed.layers[-1]
+        sh = LatentShift(adapter, {l: ed.memory.pos[-1, :4].float()}, {l: ed.memory.mean[-1]}, s=None, encoders=enc,
+                         enc_index={l: len(ed.layers) - 1}, tau=0.1, site="attn", calibrated=calibrated)
+        with torch.no_grad():
+            adapter.run([ex])
+        got[calibrated] = sh.last_s[l]
+        sh.remove()
+    enc.s_floor.zero_()
+    raw = got[False]
+    assert torch.allclose(got[True], ((raw - 0.5) / 0.5).clamp(0, 1), atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from mmke.paths import cache_dir
 
@@ -47,3 +48,17 @@ def ensure_benchmark(out: Path, seed: int = DEFAULT_SEED, version: int = DEFAULT
     log.info("building the bundled benchmark v%d (seed %d) under %s", version, seed, out)
     build_benchmark(out, seed=seed, version=version)
     return out
+
+
+def benchmark_of(data: str | None) -> dict[str, Any] | None:
+    """Version and content hash of the built benchmark a data file belongs to (its manifest)."""
+    if data is None:
+        return None
+    f = Path(data).parent / "manifest.json"
+    if not f.exists():
+        return None
+    try:
+        m = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {"version": m.get("version", 1), "content_hash": m.get("content_hash"), "seed": m.get("seed")}

@@ -61,6 +61,17 @@ def input_keys(record: EditRecord) -> set[Key]:
             ("image", m_loc, norm_text(record.m_loc_q))}
 
 
+def key_digest(key: Key) -> str:
+    """A short, stable digest of an input key (16 hex): what editor memories record about the
+    inputs they hold, so that a leak test can check them without the inputs themselves."""
+    return hashlib.sha256("\x1f".join(key).encode()).hexdigest()[:16]
+
+
+def record_key_digests(records: Iterable[EditRecord]) -> list[str]:
+    """Sorted digests of every input key of ``records``."""
+    return sorted({key_digest(k) for k in _keys(records)})
+
+
 def _keys(records: Iterable[EditRecord]) -> set[Key]:
     out: set[Key] = set()
     for r in records:

@@ -10,16 +10,18 @@ Per edit (paper §3; reference code ZeroYuHuang/Transformer-Patcher, ``src/model
   ``max_add_neuron_num`` = 5); for a one-token answer that is one neuron at the last prompt token;
 - **keys**: neuron i starts from the FFN input h_i at its own mistake's position,
   k_i = h_i / ||h_i||^2 and b_i = 0, so its pre-activation there is 1 (``use_init_weight``);
-  values start at 0, so a fresh patch changes nothing (the reference starts them at random: the
-  one deviation, so that the edit's loss starts from the unedited model);
+- **values**: v = e * a with e ~ N(0, 1) and a = ``amplify`` (10) at the start, both trained
+  (reference ``ModifyLinearInput`` with ``amplify``); once trained, the patch keeps the product;
 - **loss** (paper Eq. 3-5): L = NLL(target) + a * L_act + m * L_mem, with
   L_act = mean_i exp(margin_act - z_i(own position))  (reference ``top5_exp``, ``act_margin_val`` 0)
   L_mem = mean_i [mean top-k exp(z_mem - z_i + m1) + mean top-k exp(z_mem - m2)]  (``top1000_exp``,
   ``margin_val1`` 3, ``margin_val2`` -3), z_mem the neuron's pre-activations at every position of
   a memory of other inputs (the task's train split, as the reference's training-set memory);
   a = ``act_weight`` 1, m = ``mem_weight`` 5 (reference ``alc``, ``mlc``); Adam, lr 1e-2;
-- training stops once every target token is the top-1 prediction and every new neuron is silent
-  (pre-activation < 0) on the memory and active on its own position, or after ``steps``.
+- stopping (reference ``joint_validation`` with ``use_val``): once every target token is the
+  top-1 prediction, training goes on while the memory loss still improves (by more than 1e-3)
+  and stops after ``patience`` steps without improvement, or after ``steps``; Adam with weight
+  decay 0.01, lr 1e-2.
 
 The FFN input of the patched layer does not depend on the patch, so the memory's inputs are
 computed once, and each step runs only the patched layer onwards (:mod:`mmke.editors.tail`).
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, read_saved_edit
 from mmke.editors.patch import FFNPatch, PatchHooks, ffn_input_dim
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 class TPatcherConfig(EditorConfig):
     layer: int = -1  # the last LM layer
     max_neurons: int = 5  # neurons per edit: one per mistaken target token, at most this many
-    steps: int = 100
+    steps: int = 200
     lr: float = 1e-2
     act_weight: float = 1.0  # alc
     act_margin: float = 0.0  # act_margin_val
@@ -55,7 +58,37 @@ class TPatcherConfig(EditorConfig):
     mem_margin_abs: float = -3.0  # margin_val2: ... and below this value
     mem_top: int = 1000  # the top-k memory activations each memory term averages (top1000_exp)
     memory_size: int = 256  # train-split inputs whose every position forms the memory
+    amplify: float = 10.0  # amplify_con: the values' trained scale starts here
+    seed: int = 0  # the values' random start
+    patience: int = 10  # steps without memory-loss improvement, once the edit holds, before stopping
+    weight_decay: float = 0.01
     max_exp: float = 30.0  # exponents are clamped here (numerical safety only)
+
+
+class AmplifiedPatch(FFNPatch):
+    """The patch being trained: values parametrised as e * a (T-Patcher's ``amplify``)."""
+
+    def __init__(self, q: torch.Tensor, amplify: float, seed: int) -> None:
+        n, hidden = q.shape
+        super().__init__(hidden, n, act=F.relu)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.key.copy_((q / q.pow(2).sum(-1, keepdim=True)).t())  # k_i = h_i / |h_i|^2: z_i = 1
+            self.bias.zero_()
+            self.value.copy_(torch.randn(n, hidden, generator=g))
+        self.amp = nn.Parameter(torch.full((n, hidden), float(amplify)))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.act(q @ self.key.to(q.dtype) + self.bias.to(q.dtype)) @ (self.value * self.amp).to(q.dtype)
+
+    def frozen(self) -> FFNPatch:
+        """The trained patch as a plain key-value patch (values = e * a), gradients off."""
+        p = FFNPatch(self.key.shape[0], self.key.shape[1], act=F.relu).to(self.key.device)
+        with torch.no_grad():
+            p.key.copy_(self.key)
+            p.bias.copy_(self.bias)
+            p.value.copy_(self.value * self.amp)
+        return p.requires_grad_(False)
 
 
 def _exp_top(x: torch.Tensor, k: int, cap: float) -> torch.Tensor:
@@ -126,14 +159,11 @@ class TPatcherEditor(Editor):
             return EditHandle(self.adapter, self.name, undo=lambda: None, tensors={},
                               meta={"layer": self.layer, "neurons": 0, "steps": 0})
         n = len(err)
-        patch = FFNPatch(self.hidden, n, act=F.relu).to(self.adapter.device)
-        with torch.no_grad():
-            patch.key.copy_((q / q.pow(2).sum(-1, keepdim=True)).t())  # k_i = h_i / |h_i|^2: z_i = 1
-            patch.bias.zero_()
+        patch = AmplifiedPatch(q.cpu(), cfg.amplify, cfg.seed).to(self.adapter.device)
         hooks = PatchHooks(self.adapter, {self.layer: patch})
         mem = self.memory()
-        opt = torch.optim.Adam(patch.parameters(), lr=cfg.lr)
-        steps, fixed = 0, False
+        opt = torch.optim.Adam(patch.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps, fixed, best, since = 0, False, float("inf"), 0
         try:
             with torch.enable_grad():
                 for steps in range(1, cfg.steps + 1):
@@ -142,24 +172,25 @@ class TPatcherEditor(Editor):
                     z_own = (q @ patch.key + patch.bias).diagonal()  # [n] each neuron at its mistake
                     loss_act = (cfg.act_margin - z_own).clamp(max=cfg.max_exp).exp().mean()
                     loss_mem = nll.new_zeros(())
-                    silent = True
                     if mem is not None:
                         z_mem = mem @ patch.key + patch.bias  # [N, n]
                         loss_mem = (_exp_top(z_mem - z_own[None] + cfg.mem_margin_edit, cfg.mem_top, cfg.max_exp)
                                     + _exp_top(z_mem - cfg.mem_margin_abs, cfg.mem_top, cfg.max_exp)).mean()
-                        silent = bool(z_mem.detach().amax() < 0)
                     fixed = bool((view.logits.argmax(-1) == view.target_ids)[view.mask].all())
-                    if fixed and silent and bool((z_own.detach() > 0).all()):
-                        break
+                    if fixed:  # the edit holds: go on while the memory loss still improves
+                        ml = float(loss_mem.detach())
+                        best, since = (ml, 0) if ml < best - 1e-3 else (best, since + 1)
+                        if mem is None or since >= cfg.patience:
+                            break
                     loss = nll + cfg.act_weight * loss_act + cfg.mem_weight * loss_mem
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-        except BaseException:
+        finally:
             hooks.remove()
-            raise
-        patch.requires_grad_(False)
-        tensors = {"key": patch.key.data, "bias": patch.bias.data, "value": patch.value.data}
+        final = patch.frozen()
+        hooks = PatchHooks(self.adapter, {self.layer: final})
+        tensors = {"key": final.key.data, "bias": final.bias.data, "value": final.value.data}
         return EditHandle(self.adapter, self.name, undo=hooks.remove, tensors=tensors,
                           meta={"layer": self.layer, "neurons": n, "positions": err.tolist(), "steps": steps,
                                 "fixed": fixed})

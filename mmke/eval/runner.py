@@ -26,11 +26,12 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mmke.data.bundled import benchmark_of
 from mmke.data.schema import is_hard_m_loc
 from mmke.editors.base import EditRequest
 from mmke.eval.stats import bootstrap_ci
 from mmke.eval.store import CaseStore
-from mmke.io import atomic_write_json
+from mmke.io import atomic_write_json, file_digest
 from mmke.models.base import state_digest
 from mmke.progress import progress
 from mmke.registry import HF_PREFIX, MODELS, editor_class, load_model
@@ -66,17 +67,6 @@ def _fingerprint(record) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def file_digest(path: str | Path | None) -> str | None:
-    """sha256 (16 hex) of a file's bytes, or None without a file."""
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("mmke", "torch", "transformers"):
@@ -103,20 +93,6 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     eval_f, train_f = TASKS[cfg.task].files()
     return cfg.model_copy(update={"data": str(bench / eval_f), "train_data": str(bench / train_f),
                                   "image_root": str(bench), "rephrase_image_root": None})
-
-
-def _benchmark_of(data: str | None) -> dict[str, Any] | None:
-    """Version and content hash of the built benchmark a data file belongs to (its manifest)."""
-    if data is None:
-        return None
-    f = Path(data).parent / "manifest.json"
-    if not f.exists():
-        return None
-    try:
-        m = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return {"version": m.get("version", 1), "content_hash": m.get("content_hash"), "seed": m.get("seed")}
 
 
 class Run:
@@ -166,7 +142,7 @@ class Run:
         return {"versions": library_versions(), "model_digest": state_digest(adapter.model)[:16],
                 "editor_weights_digest": editor.weights_digest(),
                 "data_digest": file_digest(self.cfg.data), "train_data_digest": file_digest(self.cfg.train_data),
-                "benchmark": _benchmark_of(self.cfg.data)}
+                "benchmark": benchmark_of(self.cfg.data)}
 
     def open(self, provenance: dict[str, Any]) -> CaseStore:
         """Create the run directory, or check that an existing one holds this very run."""

@@ -217,7 +217,7 @@ def train_base(cfg: BaseTrainConfig) -> dict:
     if (ckpt_dir / "train_log.jsonl").exists():
         atomic_write_text(out / "train_log.jsonl", (ckpt_dir / "train_log.jsonl").read_text())
     write_card(out, f"mmke train base --steps {cfg.steps} --seed {cfg.seed}"
-                    + ("" if Path(cfg.out) == WEIGHTS_DIR else f" --out {cfg.out}"))
+                    + (" --replace-bundled" if Path(cfg.out) == WEIGHTS_DIR else f" --out {cfg.out}"))
     return result
 
 

@@ -31,8 +31,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from mmke.editors.base import EditRequest
-from mmke.editors.trained import TrainedEditor, save_weights
-from mmke.io import atomic_torch_save, atomic_write_text
+from mmke.editors.trained import META_FILE, TrainedEditor, save_weights
+from mmke.data.bundled import benchmark_of
+from mmke.io import atomic_torch_save, atomic_write_json, atomic_write_text, file_digest
+from mmke.paths import cache_dir
 from mmke.models.base import Example, ModelAdapter
 from mmke.progress import progress
 from mmke.scoring import INPUT_KINDS, case_inputs, case_metrics, run_case
@@ -247,10 +249,11 @@ top-1 agreement, percent):
 def train_method(method: str, task: str, model: str = "default", out: str | Path | None = None,
                  cfg: EditorTrainConfig | None = None, method_config: dict[str, Any] | None = None,
                  train_data: str | None = None, image_root: str | None = None,
-                 adapter: ModelAdapter | None = None) -> dict[str, Any]:
+                 adapter: ModelAdapter | None = None, replace_bundled: bool = False) -> dict[str, Any]:
     """``mmke train --method M``: build the editor untrained on the model, train it on the task's
-    train split (the bundled one by default) and write its weights directory (default: the
-    bundled location for the default model)."""
+    train split (the bundled one by default) and write its weights directory: ``out``, or a user
+    directory under the mmke cache (:func:`default_train_dir`); the weights shipped with mmke are
+    replaced only with ``replace_bundled``."""
     from mmke.data.schema import load_records
     from mmke.editors.trained import bundled_weights_dir
     from mmke.registry import editor_class, load_model
@@ -263,10 +266,14 @@ def train_method(method: str, task: str, model: str = "default", out: str | Path
     if not issubclass(cls, TrainedEditor):
         raise ValueError(f"{method} has nothing to train (trainable: MEND, KE, SERAC, UniKE)")
     config = cls.Config(**(method_config or {}))
-    if out is None:
-        if model != "default":
-            raise ValueError("--out is required when training for a model other than the default")
+    if replace_bundled:
+        if model != "default" or out is not None:
+            raise ValueError("--replace-bundled rewrites the weights shipped for the default model: use it "
+                             "with --model default and without --out")
         out = bundled_weights_dir(method, task)
+    elif out is None:
+        out = default_train_dir(method, task, model)
+    log.info("training %s for %s on %s: writing to %s", method, model, task, out)
     if train_data is None:
         from mmke.data.bundled import default_benchmark_dir, ensure_benchmark
 
@@ -279,6 +286,19 @@ def train_method(method: str, task: str, model: str = "default", out: str | Path
     sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in (method_config or {}).items())
     defaults = EditorTrainConfig().model_dump()
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_dump().items() if v != defaults[k])
+    where = "--replace-bundled" if replace_bundled else f"--out {out}"
     command = " ".join(x for x in (f"mmke train --method {method} --task {task} --model {model}", opts, sets,
-                                   f"--out {out}" if Path(out) != bundled_weights_dir(method, task) else "") if x)
-    return editor.fit(records, out, cfg, command=command)
+                                   where) if x)
+    meta = editor.fit(records, out, cfg, command=command)
+    # what the editor was trained on: the leak test checks bundled weights against the eval files
+    meta["train_data"] = {"file": Path(train_data).name, "digest": file_digest(train_data),
+                          "benchmark": benchmark_of(train_data)}
+    atomic_write_json(Path(out) / META_FILE, meta, sort_keys=True)
+    return meta
+
+
+def default_train_dir(method: str, task: str, model: str) -> Path:
+    """Where ``mmke train`` writes without ``--out``: a user directory under the mmke cache, never
+    the weights shipped with the package."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    return cache_dir() / "trained" / safe / f"{method}-{task}"

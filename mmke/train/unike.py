@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from mmke.data.leaks import record_key_digests
 from mmke.editors.trained import save_weights
 from mmke.editors.unike.encoders import UniKEEncoders, semantic_loss, supcon_loss
 from mmke.editors.unike.memory import LatentMemory, shift, site_outputs
@@ -285,6 +286,7 @@ def fit_unike(editor, records: list, out: str | Path, cfg, command: str = "") ->
     editor.memory = LatentMemory(editor.layers, tr.sem, tr.pos, tr.neg, {
         "task": editor.task.name, "model": editor.model_name, "site": ec.site,
         "records": [i["index"] for i in tr.info],
+        "input_keys": record_key_digests(mem_recs),  # for the leak test: no eval input in the memory
         "model_correct_fraction": round(sum(i["model_correct"] for i in tr.info) / len(tr.info), 4)})
     metrics["dynamic_s"] = calibrate_floor(editor.module, tr, editor.memory, metrics.pop("test_idx"), k=ec.k,
                                            tau=ec.tau, quantile=ec.s_quantile, seed=cfg.seed)

@@ -9,7 +9,7 @@ Training (memory + encoders) is :mod:`mmke.train.unike`, reached through ``mmke 
 """
 
 from mmke.editors.unike.editor import (UniKEConfig, UniKEEditor, UniKEIntrinsicEditor, UniKEIntrinsicIKEEditor,
-                                       UniKELatentEditor, UniKENoCollabEditor)
+                                       UniKELatentEditor, UniKENoCollabEditor, UniKEPlusEditor)
 
 __all__ = ["UniKEConfig", "UniKEEditor", "UniKEIntrinsicEditor", "UniKEIntrinsicIKEEditor", "UniKELatentEditor",
-           "UniKENoCollabEditor"]
+           "UniKENoCollabEditor", "UniKEPlusEditor"]

@@ -1,5 +1,24 @@
-"""UniKE (Pan et al., NeurIPS 2024): intrinsic and in-context knowledge as key-value memories of
-the same layers, made to cooperate through a semantic and a truthfulness space (SPEC §5).
+"""UniKE (Pan et al., "Towards Unified Multimodal Editing with Enhanced Knowledge Collaboration",
+NeurIPS 2024): intrinsic and in-context knowledge as key-value memories of the same layers, made to
+cooperate through a semantic and a truthfulness space (SPEC §5).
+
+``unike`` follows the paper (§3, with the settings of its appendix: 10 new key-value pairs in each
+of the last 4 LM layers, K = 40 retrieved states):
+
+- intrinsic editing (§3.1, Eq. 2): new FFN neurons with T-Patcher-style keys — started from the
+  edit's own FFN inputs and trained with T-Patcher's activation and memory losses beside the
+  target NLL — and ReLU activations;
+- latent IKE (§3.2, Eq. 3): "external knowledge is incorporated as external key-value memory
+  through feature shifting in self-attention": the **self-attention output** of each edited layer
+  is shifted, h' = (1 - s) h + s h_know;
+- collaboration (§3.3, Eqs. 4-7): the semantic encoder gives the dynamic
+  s = cos(EncSem(h_know), h_input) (clamped to [0, 1]; see SPEC §5 for why the similarity weighs
+  the retrieved knowledge), and the truthfulness direction zeta offsets the new values (Eq. 6).
+
+``unike-plus`` is mmke's variant, measured beside it: closed-form whitened keys with a ramp gate
+(keys in the locality memory's whitened metric), the shift on the whole layer's output (the
+residual stream), and a floor under the dynamic s calibrated on unrelated inputs at training time.
+It has its own weights (``unike-plus-<task>``).
 
 One edit, in order:
 
@@ -42,7 +61,6 @@ from mmke.scoring import case_inputs
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "unike"  # every variant reads the weights directory of the full method
 
 
 class UniKEConfig(TrainedEditorConfig):
@@ -57,8 +75,9 @@ class UniKEConfig(TrainedEditorConfig):
     margin: float = 0.25  # pre-activation the new neurons keep on the edit (activation loss)
     act: Literal["relu", "relu2", "ramp"] | None = None  # activation of the new neurons; None: "ramp"
     # with whitened keys, "relu" (T-Patcher's) with trained ones
-    key_init: Literal["trained", "whitened"] = "whitened"  # keys: closed-form, fixed, in the locality memory's
-    # whitened metric (ROME's C^-1 k), or trained from the edit's input with T-Patcher's losses
+    key_init: Literal["trained", "whitened"] = "trained"  # keys: trained from the edit's input with
+    # T-Patcher's losses (the paper), or closed-form and fixed in the locality memory's whitened metric
+    # (ROME's C^-1 k; unike-plus)
     whiten_ridge: float = 0.1  # whitened keys: ridge added to the covariance, times its mean variance
     gate_lo: float = 0.25  # whitened keys: a neuron is off below this similarity to the edit (1 = the edit)
     gate_hi: float = 0.45  # ... and, with act="ramp", fires as on the edit above this one
@@ -75,9 +94,12 @@ class UniKEConfig(TrainedEditorConfig):
     seed: int = 0
     # ---- external knowledge ----
     external: Literal["latent", "ike", "none"] = "latent"
-    site: Literal["layer", "attn"] = "layer"  # latent IKE shifts the layer output or its attention output
+    site: Literal["layer", "attn"] = "attn"  # latent IKE shifts the self-attention output (the paper) or
+    # the whole layer's output (unike-plus)
     k: int = 40  # retrieved memory entries (latent IKE, zeta)
     s: float | Literal["dynamic"] = "dynamic"  # mixing weight of the latent knowledge
+    s_calibrated: bool = False  # dynamic s above a floor calibrated on unrelated inputs (unike-plus),
+    # instead of the paper's plain (clamped) cosine
     tau: float = 0.1  # temperature of the attention over retrieved states (cosine scores)
     zeta: Literal["truthfulness", "semantic", "random", "none"] = "truthfulness"
     beta: float = 0.1  # weight of the zeta offset, relative to the retrieved |h_pos - h_neg|
@@ -112,6 +134,8 @@ class UniKEEditor(TrainedEditor):
 
     name = "unike"
     Config = UniKEConfig
+    #: the weights directory (encoders + memory) this editor reads: the ablations share unike's
+    weights_name = "unike"
 
     def __init__(self, adapter, config=None, *, task=None, train_records=None, untrained: bool = False,
                  model_name: str | None = None, **context: Any) -> None:
@@ -160,15 +184,17 @@ class UniKEEditor(TrainedEditor):
     def weights_dir(self) -> Path:
         if self.config.weights or self.model_name != "default":
             return super().weights_dir()
-        d = bundled_weights_dir(WEIGHTS_NAME, self.task.name if self.task is not None else "vqa")
+        task = self.task.name if self.task is not None else "vqa"
+        d = bundled_weights_dir(self.weights_name, task)
         if not (d / "weights.safetensors").exists():
-            raise FileNotFoundError(f"{self.name} needs the unike weights and memory in {d}; build them "
-                                    f"with `mmke train --method unike --task {self.task.name if self.task else 'vqa'}`")
+            raise FileNotFoundError(f"{self.name} needs the {self.weights_name} weights and memory in {d}; build "
+                                    f"them with `mmke train --method {self.weights_name} --task {task}`")
         return d
 
     def fit(self, records: list, out, cfg, command: str = "") -> dict[str, Any]:
-        if self.name != WEIGHTS_NAME:
-            raise ValueError(f"{self.name} shares the weights of `unike`: train `--method unike`")
+        if self.name != self.weights_name:
+            raise ValueError(f"{self.name} shares the weights of `{self.weights_name}`: train "
+                             f"`--method {self.weights_name}`")
         from mmke.train.unike import fit_unike
 
         return fit_unike(self, records, out, cfg, command=command)
@@ -279,7 +305,7 @@ class UniKEEditor(TrainedEditor):
         enc = self.module if s is None else None
         return LatentShift(self.adapter, know, center, s=s, encoders=enc,
                            enc_index={l: j for j, l in enumerate(self.layers)}, tau=self.config.tau,
-                           site=self.config.site)
+                           site=self.config.site, calibrated=self.config.s_calibrated)
 
     @torch.no_grad()
     def _set_offsets(self, patches: dict[int, EditPatch], retrieved: dict[int, list[int]]) -> None:
@@ -355,7 +381,22 @@ class UniKEHandle(EditHandle):
             self.ike_handle.save(Path(path) / "ike")
 
 
-# ---- the ablation variants (SPEC §5, §6) ------------------------------------------------
+# ---- mmke's variant ---------------------------------------------------------------------
+class UniKEPlusConfig(UniKEConfig):
+    key_init: Literal["trained", "whitened"] = "whitened"
+    site: Literal["layer", "attn"] = "layer"
+    s_calibrated: bool = True
+
+
+class UniKEPlusEditor(UniKEEditor):
+    """mmke's UniKE: whitened keys with a ramp gate, the shift on the layer output, calibrated s."""
+
+    name = "unike-plus"
+    Config = UniKEPlusConfig
+    weights_name = "unike-plus"
+
+
+# ---- the ablation variants of the paper's method (SPEC §5, §6) -----------------------------
 class UniKEIntrinsicConfig(UniKEConfig):
     external: Literal["latent", "ike", "none"] = "none"
     zeta: Literal["truthfulness", "semantic", "random", "none"] = "none"

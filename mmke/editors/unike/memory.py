@@ -164,12 +164,12 @@ class LatentShift:
 
     def __init__(self, adapter: ModelAdapter, know: dict[int, torch.Tensor], center: dict[int, torch.Tensor], *,
                  s: float | None, encoders: UniKEEncoders | None, enc_index: dict[int, int], tau: float,
-                 site: str) -> None:
+                 site: str, calibrated: bool = False) -> None:
         if s is None and encoders is None:
             raise ValueError("dynamic s needs the trained semantic encoder")
         self.know = know  # layer -> [M, H] retrieved h_pos (+ the edit's own)
         self.center = center  # layer -> [H] memory mean of the question states
-        self.s, self.encoders, self.tau = s, encoders, tau
+        self.s, self.encoders, self.tau, self.calibrated = s, encoders, tau, calibrated
         self.last_s: dict[int, torch.Tensor] = {}  # layer -> [B, T] of the last forward (inspection)
         self._handles = [site_module(adapter, l, site).register_forward_hook(self._hook(l, enc_index[l]))
                          for l in know]
@@ -178,7 +178,7 @@ class LatentShift:
         P, center = self.know[layer], self.center[layer].float()
         enc = self.encoders
         semantic = (lambda x: enc.semantic(i, x)) if enc is not None else None
-        floor = float(enc.s_floor[i]) if enc is not None else 0.0
+        floor = float(enc.s_floor[i]) if enc is not None and self.calibrated else 0.0
 
         def hook(_mod, _args, out):  # out: [B, T, H] (or a tuple whose first item it is)
             new, s = shift(_hidden_of(out), P, center, self.tau, self.s, semantic, floor)
