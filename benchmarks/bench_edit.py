@@ -16,7 +16,6 @@ both alike.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -27,13 +26,15 @@ from pathlib import Path
 import torch
 
 from mmke.editors.base import EditRequest
-from mmke.scoring import INPUT_KINDS, case_inputs
 from mmke.eval.runner import Run, RunConfig
+from mmke.io import atomic_write_json
 from mmke.registry import load_model
+from mmke.scoring import INPUT_KINDS, case_metrics, run_case
 from mmke.tasks import TASKS
 
 
-DEFAULT_METHODS = ["ft-lm", "ft-vision", "ike", "t-patcher", "mend", "mend-vision", "ke", "serac", "unike"]
+DEFAULT_METHODS = ["ft-lm", "ft-vision", "ike", "t-patcher", "mend", "mend-vision", "ke", "serac", "serac-mm",
+                   "unike", "unike-plus"]
 
 
 def bare_forward(adapter, examples) -> float:
@@ -64,7 +65,8 @@ def main() -> None:
     ap.add_argument("--task", default="vqa", choices=list(TASKS))
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--repeats", type=int, default=3, help="edited/unedited forward pairs per case")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_edit.json"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/bench_edit.json"),
+                    help="where the measured numbers go (default: under runs/, outside the tracked tree)")
     args = ap.parse_args()
     torch.manual_seed(0)
     adapter = load_model("default")
@@ -74,8 +76,8 @@ def main() -> None:
             r = Run(RunConfig(task=args.task, method=method, limit=args.cases), tmp, adapter=adapter)
             records, _ = r.load_records()
             editor = r.editor(adapter)
-            inputs = [case_inputs(rec, TASKS[args.task], adapter.load_image) for rec in records]
-            pre = r.pre_edit(adapter, [(str(i), x) for i, x in enumerate(inputs)])
+            inputs = [r.inputs(adapter, rec) for rec in records]
+            pre = [run_case(adapter, x) for x in inputs]
             edit_s, eval_s, floor_s, base_s, ratio = [], [], [], [], []
             for i, (rec, x) in enumerate(zip(records, inputs)):
                 exs = [x[k] for k in INPUT_KINDS]
@@ -87,7 +89,7 @@ def main() -> None:
                 with torch.no_grad():
                     bare_forward(adapter, exs)  # warm-up, same shapes
                     t = time.perf_counter()
-                    r.score(adapter, x, pre[str(i)])
+                    case_metrics(pre[i], run_case(adapter, x))
                     eval_s.append(time.perf_counter() - t)
                     edited, plain = [], []
                     for _ in range(args.repeats):
@@ -109,10 +111,9 @@ def main() -> None:
         print(f"{method:<12} edit {row['edit_s_median']:.3f}s  eval {row['eval_s_median']:.3f}s  "
               f"floor {row['forward_floor_s_median']:.3f}s  eval/floor {row['eval_over_floor']:.2f}x  "
               f"edited/unedited forward {row['edited_over_unedited']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": date.today().isoformat(),
-                                    "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-                                    "torch": torch.__version__, "rows": rows}, indent=1))
+    atomic_write_json(args.out, {"date": date.today().isoformat(),
+                                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                                 "torch": torch.__version__, "rows": rows})
     print(f"wrote {args.out}")
 
 

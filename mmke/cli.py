@@ -94,11 +94,13 @@ def data_build(
 
 @app.command("run")
 def run_cmd(
-    method: str = typer.Option(..., help="editing method (`mmke list methods`)"),
-    task: str = typer.Option("vqa", help="vqa or caption"),
+    method: str = typer.Option(..., help="editing method (`mmke list methods`); several, comma-separated, "
+                                         "run one after another on one loaded model"),
+    task: str = typer.Option("vqa", help="vqa or caption (or both: vqa,caption)"),
     model: str = typer.Option("default", help="model name (`mmke list models`) or hf:<path-or-id>"),
-    out: Path = typer.Option(..., help="run directory: summary.json and the per-case store"),
-    limit: Optional[int] = typer.Option(None, help="evaluate N cases (a seeded sample)"),
+    out: Path = typer.Option(..., help="run directory: summary.json and the per-case store (several "
+                                       "methods or tasks: one sub-directory <task>-<method> each)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate N cases (a seeded sample; N >= 1)"),
     seed: int = typer.Option(0),
     data: Optional[Path] = typer.Option(None, help="MMEdit eval file (JSON list or JSON Lines); "
                                                    "default: the bundled benchmark"),
@@ -112,24 +114,36 @@ def run_cmd(
     set_: List[str] = typer.Option([], "--set", help="method option key=value (repeatable)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run (or resume) a one-step editing evaluation and write DIR/summary.json."""
+    """Run (or resume) one-step editing evaluations and write DIR/summary.json."""
     _setup_logging(verbose)
-    from mmke.eval.runner import RunConfig, run
-
-    with _user_errors():
-        cfg = RunConfig(model=model, task=task, method=method,
-                        data=str(data) if data else None,
-                        train_data=str(train_data) if train_data else None,
-                        image_root=str(image_root) if image_root else (str(data.parent) if data else None),
-                        rephrase_image_root=str(rephrase_image_root) if rephrase_image_root else None,
-                        limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
-                        method_config=_parse_sets(set_))
-    with _user_errors():
-        summary = run(cfg, out)
     from mmke.eval.report import summary_line
+    from mmke.eval.runner import Run, RunConfig
 
-    console.print(summary_line(summary))
-    console.print(f"summary: {out / 'summary.json'}")
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    tasks = [t.strip() for t in task.split(",") if t.strip()]
+    several = len(methods) * len(tasks) > 1
+    if several and data is not None:
+        raise typer.BadParameter("--data holds one task: give one --task and one --method with it")
+    with _user_errors():  # validate every configuration before running any
+        runs = [(RunConfig(model=model, task=t, method=m,
+                           data=str(data) if data else None,
+                           train_data=str(train_data) if train_data else None,
+                           image_root=str(image_root) if image_root else (str(data.parent) if data else None),
+                           rephrase_image_root=str(rephrase_image_root) if rephrase_image_root else None,
+                           limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
+                           method_config=_parse_sets(set_)),
+                 out / f"{t}-{m}" if several else out) for t in tasks for m in methods]
+        plans = [Run(cfg, d) for cfg, d in runs]
+    adapter = None
+    for k, r in enumerate(plans, 1):
+        if several:
+            console.rule(f"run {k} of {len(plans)}: {r.cfg.method} on {r.cfg.task}")
+        r = Run(r.cfg, r.out, adapter=adapter)
+        with _user_errors():
+            summary = r.execute()
+        adapter = r.adapter()  # load the model once for every run
+        console.print(summary_line(summary))
+        console.print(f"summary: {r.out / 'summary.json'}")
 
 
 @app.command("report")

@@ -1,11 +1,25 @@
-"""Gradient hyper-network editors (MEND, KE): the machinery they share.
+"""Gradient hyper-network editors (MEND, KE): the machinery they share, and their training objective.
 
 For a Linear layer y = x W^T + b, the gradient of the edit loss is a sum of per-token outer
 products, dL/dW = sum_t delta_t u_t^T, with u_t the layer input and delta_t = dL/dy_t. MEND
-transforms (u, delta) per token; KE transforms the whole matrix, conditioned on the edit. This
-module resolves edit sites to Linear layers, captures (u, delta) for one example, and applies a
-weight update either *functionally* through forward hooks (training: the loss reaches the
+transforms (u, delta) per token; KE reweights the whole matrix, conditioned on the edit's text.
+This module resolves edit sites to Linear layers, captures (u, delta) for one example, and applies
+a weight update either *functionally* through forward hooks (training: the loss reaches the
 hyper-network) or *in place* (edit time: the handle keeps the originals and restores them exactly).
+
+Training objective (both methods): the MMEdit reference trainer (EasyEdit
+``trainer/MultimodalTrainer.py``, ``edit_step``). The update is computed from the edit input
+(image + prompt + new target), applied, and
+
+    L = c_edit * NLL(target | rephrased prompt, image)          (T-Generality input, ``cedit`` 0.1)
+      + c_image_edit * NLL(target | prompt, rephrased image)    (M-Generality input, ``iedit`` 0.1)
+      + c_loc * (KL_text + KL_image)                            (``cloc`` 1.0)
+
+where KL_text / KL_image are the mean KL(unedited || edited) of the next-token distributions over
+every text position of the text-only locality input (question + answer) and of the unrelated-image
+input (templated question + answer): the reference masks its KL with the attention mask, so the
+question's positions count as well as the answer's. Image positions stay out (they predict no
+text). The edit input itself is not a loss term in the reference (it only feeds the gradient).
 """
 
 from __future__ import annotations
@@ -19,7 +33,15 @@ from torch import nn
 
 from mmke.editors.base import EditHandle, EditRequest
 from mmke.editors.trained import TrainedEditor, TrainedEditorConfig
-from mmke.models.base import Example, ModelAdapter, kl_at_targets, target_nll
+from mmke.models.base import Example, ModelAdapter, TargetView, kl_at_targets, target_nll
+
+
+def last_ffn_sites(adapter: ModelAdapter, n: int = 3) -> list[str]:
+    """The reference's edit sites (EasyEdit hparams/TRAINING/MEND/minigpt4.yaml ``inner_params``):
+    both FFN matrices (keys = up projection / fc1, values = down projection / fc2) of the last
+    ``n`` LM layers, or of every layer of an LM with fewer."""
+    k = min(n, adapter.num_lm_layers)
+    return [f"lm.{kind}.{i}" for i in range(-k, 0) for kind in ("ffn_key", "ffn_value")]
 
 
 @dataclass
@@ -57,15 +79,21 @@ class Captured:
     delta: torch.Tensor
 
 
-def capture(adapter: ModelAdapter, sites: list[LinearSite], example: Example,
-            hidden_hook: nn.Module | None = None) -> tuple[dict[str, Captured], torch.Tensor, torch.Tensor | None]:
-    """Run the edit example once with gradients and return, per site, the inputs u and the output
-    gradients delta of the target NLL (the model's own parameters get no gradient), the loss, and
-    optionally the output of ``hidden_hook`` (a module whose output conditions KE)."""
+@dataclass
+class EditGradients:
+    """What one backward pass over the edit input gives: (u, delta) per site, the edit loss, and
+    the model's top-1 predictions at the target positions (teacher forced), ids ``[L]``."""
+
+    captured: dict[str, Captured]
+    loss: torch.Tensor
+    pred_ids: torch.Tensor
+
+
+def capture(adapter: ModelAdapter, sites: list[LinearSite], example: Example) -> EditGradients:
+    """Run the edit example once with gradients of the target NLL (the model's own parameters get
+    none) and collect, per site, the layer inputs u and the output gradients delta."""
     inputs: dict[str, torch.Tensor] = {}
     probes: dict[str, torch.Tensor] = {}
-    handles = []
-    box: dict[str, torch.Tensor] = {}
 
     def make(name: str):
         def hook(_m, args, out):
@@ -76,14 +104,11 @@ def capture(adapter: ModelAdapter, sites: list[LinearSite], example: Example,
             return out + probe
         return hook
 
-    for s in sites:
-        handles.append(s.module.register_forward_hook(make(s.name)))
-    if hidden_hook is not None:
-        handles.append(hidden_hook.register_forward_hook(
-            lambda _m, _a, out: box.__setitem__("h", (out[0] if isinstance(out, tuple) else out).detach())))
+    handles = [s.module.register_forward_hook(make(s.name)) for s in sites]
     try:
         with torch.enable_grad():
-            loss = target_nll(adapter.run([example]))
+            view = adapter.run([example])
+            loss = target_nll(view)
             grads = torch.autograd.grad(loss, [probes[s.name] for s in sites], allow_unused=True)
     finally:
         for h in handles:
@@ -93,7 +118,8 @@ def capture(adapter: ModelAdapter, sites: list[LinearSite], example: Example,
         x = inputs[s.name]
         g = torch.zeros_like(probes[s.name]) if g is None else g
         out[s.name] = Captured(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    return out, loss.detach(), box.get("h")
+    pred = view.logits[0].detach().argmax(-1)[view.mask[0]]
+    return EditGradients(out, loss.detach(), pred)
 
 
 #: a functional update of one Linear: maps its input x [..., in] to the change of its output
@@ -136,58 +162,87 @@ class LowRank:
         return self.left @ self.right
 
 
-class HyperNetConfig(TrainedEditorConfig):
-    """Options shared by MEND and KE."""
+# ---- the training objective ---------------------------------------------------------------------
+def whole_text(ex: Example) -> Example:
+    """The same input with every text token (prompt and answer) a scored position, so that a loss
+    over "target positions" covers the whole question + answer (image positions stay out)."""
+    return Example("", ex.prompt + ex.target, ex.image, ex.context)
 
-    sites: list[str] = ["lm.ffn_value.-3", "lm.ffn_value.-2", "lm.ffn_value.-1"]
+
+def view_row(view: TargetView, i: int) -> TargetView:
+    return TargetView(view.logits[i: i + 1], view.target_ids[i: i + 1], view.mask[i: i + 1])
+
+
+class HyperNetConfig(TrainedEditorConfig):
+    """Options shared by MEND and KE: edit sites and the training objective's weights (the MMEdit
+    reference trainer's ``cedit``, ``iedit``, ``cloc``)."""
+
+    #: edit sites; None: both FFN matrices of the last three LM layers (:func:`last_ffn_sites`)
+    sites: list[str] | None = None
     last_linears: int = 3  # Linear layers taken from a non-Linear site (connector, vision)
-    edit_weight: float = 1.0  # c_edit: edit loss on the edit input and its rephrasings
-    loc_weight: float = 1.0  # c_loc: KL to the unedited model on the locality inputs
+    c_edit: float = 0.1  # NLL of the target on the rephrased-prompt input (T-Generality)
+    c_image_edit: float = 0.1  # NLL of the target on the rephrased-image input (M-Generality)
+    c_loc: float = 1.0  # KL(unedited || edited) on the text-only and the unrelated-image inputs
+    #: KL over every text position of the locality inputs (the reference); False: answer positions only
+    loc_all_positions: bool = True
 
 
 class HyperNetEditor(TrainedEditor):
     """A trained network maps the edit loss's gradient at Linear sites to a weight update.
 
-    Subclasses implement :meth:`updates`. Training (MMEdit objective): the update computed from
-    the edit input is applied functionally; the loss is c_edit * NLL of the target on the edit
-    input, its rephrased prompt and its rephrased image, plus c_loc * KL(unedited || edited) on the
-    text-only and the unrelated-image inputs. At edit time the update is added to the weights in
-    place; ``remove()`` copies the originals back (bit-exact).
+    Subclasses implement :meth:`updates`. Training: the module-level objective above, with the
+    update applied functionally. At edit time the update is added to the weights in place;
+    ``remove()`` copies the originals back (bit-exact).
     """
 
     Config = HyperNetConfig
-    #: KE conditions on the hidden states of the last LM layer; MEND on nothing
-    conditions_on_hidden: bool = False
 
     def __init__(self, adapter: ModelAdapter, config=None, **context) -> None:
         config = config or self.Config()
-        self.sites = linear_sites(adapter, config.sites, config.last_linears)
+        self.site_names = config.sites if config.sites is not None else last_ffn_sites(adapter)
+        self.sites = linear_sites(adapter, self.site_names, config.last_linears)
         super().__init__(adapter, config, **context)
 
-    def updates(self, captured: dict[str, Captured], hidden: torch.Tensor | None) -> dict[str, LowRank]:
+    def architecture(self) -> dict:
+        return {**super().architecture(), "sites": self.site_names}
+
+    def updates(self, grads: EditGradients, request: EditRequest) -> dict[str, LowRank]:
         """Weight update per site name, differentiable in ``self.module``."""
         raise NotImplementedError
 
-    def _updates_for(self, example: Example) -> tuple[dict[str, LowRank], torch.Tensor]:
-        hook = self.adapter.lm_layers()[-1] if self.conditions_on_hidden else None
-        cap, loss, hidden = capture(self.adapter, self.sites, example, hook)
-        return self.updates(cap, hidden), loss
+    def updates_for(self, request: EditRequest) -> tuple[dict[str, LowRank], torch.Tensor]:
+        """The update of an edit request, and the edit loss before it."""
+        grads = capture(self.adapter, self.sites, request.example)
+        return self.updates(grads, request), grads.loss
+
+    def locality_inputs(self, inputs: dict[str, Example]) -> list[Example]:
+        """The text-only and unrelated-image inputs the locality KL is taken over."""
+        loc = [inputs["t_locality"], inputs["m_locality"]]
+        return [whole_text(x) for x in loc] if self.config.loc_all_positions else loc
 
     def train_loss(self, case) -> tuple[torch.Tensor, dict[str, float]]:
         x = case.inputs
         cfg = self.config
+        loc = self.locality_inputs(x)
         with torch.no_grad():
-            pre = self.adapter.run([x["t_locality"], x["m_locality"]])
-        ups, _ = self._updates_for(x["reliability"])
+            pre = self.adapter.run(loc)
+        ups, _ = self.updates_for(case.request)
         with functional_updates(self.sites, {k: u.apply for k, u in ups.items()}):
-            l_edit = target_nll(self.adapter.run([x["reliability"], x["t_generality"], x["m_generality"]]))
-            l_loc = kl_at_targets(pre, self.adapter.run([x["t_locality"], x["m_locality"]]))
-        loss = cfg.edit_weight * l_edit + cfg.loc_weight * l_loc
-        return loss, {"edit_nll": l_edit.item(), "loc_kl": l_loc.item()}
+            gen = self.adapter.run([x["t_generality"], x["m_generality"]])
+            post = self.adapter.run(loc)
+        parts = {
+            "edit_nll": target_nll(view_row(gen, 0)),
+            "image_edit_nll": target_nll(view_row(gen, 1)),
+            "loc_kl": kl_at_targets(view_row(pre, 0), view_row(post, 0)),
+            "image_loc_kl": kl_at_targets(view_row(pre, 1), view_row(post, 1)),
+        }
+        loss = (cfg.c_edit * parts["edit_nll"] + cfg.c_image_edit * parts["image_edit_nll"]
+                + cfg.c_loc * (parts["loc_kl"] + parts["image_loc_kl"]))
+        return loss, {k: v.item() for k, v in parts.items()}
 
     def edit(self, request: EditRequest) -> EditHandle:
         with torch.no_grad():
-            ups, loss = self._updates_for(request.example)
+            ups, loss = self.updates_for(request)
             params = weight_params(self.adapter, self.sites)
             originals = {k: p.detach().clone() for k, p in params.items()}
             for s in self.sites:
