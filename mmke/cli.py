@@ -24,6 +24,10 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     for noisy in ("transformers", "sentence_transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):  # third-party notices, once per run
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|sentence_transformers)")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -43,10 +47,24 @@ def _user_errors():
 
     try:
         yield
-    except (DataError, KeyError, ValueError, FileNotFoundError, ValidationError) as e:
+    except ValidationError as e:
+        typer.secho(f"error: {validation_message(e)}", fg="red", err=True)
+        raise typer.Exit(2) from e
+    except (DataError, KeyError, ValueError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         typer.secho(f"error: {msg}", fg="red", err=True)
         raise typer.Exit(2) from e
+
+
+def validation_message(e) -> str:
+    """One line per problem of a pydantic ValidationError, named as the command line names it
+    (``--limit``), without pydantic's links."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        name = f"--{where.replace('_', '-')}" if where and "." not in where else where or "input"
+        parts.append(f"{name}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -247,18 +265,32 @@ def train_cmd(
 
 
 @app.command("list")
-def list_cmd(what: str = typer.Argument(..., help="methods, models or tasks")) -> None:
-    """List registered methods, models or tasks."""
+def list_cmd(what: str = typer.Argument(..., help="methods, models, tasks, or options"),
+             method: Optional[str] = typer.Argument(None, help="with `options`: the method")) -> None:
+    """List registered methods, models or tasks, or the options of one method."""
     from mmke.registry import METHODS, MODELS, TASKS
 
+    if what == "options":
+        if method is None:
+            raise typer.BadParameter("`mmke list options METHOD`, e.g. `mmke list options ft-lm`")
+        from mmke.registry import editor_class
+
+        with _user_errors():
+            cls = editor_class(method)
+        typer.echo(f"options of {method} (--set key=value):")
+        for name, default, doc in cls.Config.option_docs():
+            typer.echo(f"  {name:<18} {json.dumps(default):<22} {doc}")
+        return
     table = {"methods": {k: v.description for k, v in METHODS.items()},
              "models": {k: v.description for k, v in MODELS.items()} | {"hf:<path-or-id>": "any supported "
                                                                         "Hugging Face VLM (BLIP-2, LLaVA)"},
              "tasks": {k: f"{v.title}: {v.description}" for k, v in TASKS.items()}}
     if what not in table:
-        raise typer.BadParameter(f"choose one of {', '.join(table)}")
+        typer.secho(f"error: choose one of {', '.join(table)}, options", fg="red", err=True)
+        raise typer.Exit(2)
+    width = max(len(k) for k in table[what]) + 2
     for k, v in table[what].items():
-        typer.echo(f"{k:<18} {v}")
+        typer.echo(f"{k:<{width}}{v}")
 
 
 def main() -> None:  # console-script entry point

@@ -160,20 +160,30 @@ def test_image_path_that_is_a_folder(root):
 
 
 @pytest.mark.parametrize("field", ["image", "image_rephrase", "m_loc"])
-@pytest.mark.parametrize("path", ["../a.png", "x/../../a.png", "/etc/passwd", "", "a\x00.png"])
-def test_image_path_may_not_leave_root(root, field, path):
+@pytest.mark.parametrize("path,rule", [("../a.png", "climbs out"), ("x/../../a.png", "climbs out"),
+                                       ("/etc/passwd", "absolute path"), ("", "empty image path"),
+                                       ("a\x00.png", "NUL")])
+def test_image_path_may_not_leave_root(root, field, path, rule):
     sub = root / "sub"
     sub.mkdir()
     for n in ("a.png", "b.png", "c.png"):
         Image.new("RGB", (8, 8)).save(sub / n)
-    expect_error(write(root, [dict(FIELDS, **{field: path})]), 0, field, "image root", image_root=sub)
+    expect_error(write(root, [dict(FIELDS, **{field: path})]), 0, field, rule, image_root=sub)
 
 
-def test_symlink_out_of_root_is_refused(root, tmp_path_factory):
-    outside = tmp_path_factory.mktemp("outside") / "secret.png"
-    Image.new("RGB", (8, 8)).save(outside)
-    (root / "link.png").symlink_to(outside)
-    expect_error(write(root, [dict(FIELDS, image="link.png")]), 0, "image", "image root")
+def test_symlinked_images_and_image_roots_are_followed(root, tmp_path_factory):
+    """A folder of images linked into the root (the usual way to point at COCO), or a root that is
+    itself a link, works; only lexical escapes are refused, each with the rule it broke."""
+    outside = tmp_path_factory.mktemp("coco")
+    Image.new("RGB", (8, 8)).save(outside / "x.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    rec = load_records(write(root, [dict(FIELDS, image="linked/x.png")])).records[0]
+    assert rec.image_path.name == "x.png" and rec.image_path.exists()
+    link_root = tmp_path_factory.mktemp("links") / "root"
+    link_root.symlink_to(root, target_is_directory=True)
+    assert len(load_records(write(root, [FIELDS]), image_root=link_root).records) == 1
+    expect_error(write(root, [dict(FIELDS, image="/etc/passwd")]), 0, "image", "absolute path")
+    expect_error(write(root, [dict(FIELDS, image="../a.png")]), 0, "image", "climbs out")
 
 
 def test_dotdot_inside_root_is_fine(root):

@@ -195,3 +195,44 @@ def test_pre_and_post_use_one_batching_path(toy, one_thread):
     a, b = run_case(adapter, x), run_case(adapter, x)
     for k in a:
         assert torch.equal(a[k].top1, b[k].top1) and a[k].acc == b[k].acc
+
+
+# ---- a new user's mistakes: one line, exit 2, nothing written ------------------------------------
+@pytest.mark.parametrize("args,says", [
+    (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--task", "vq"], "--task"),
+    (["--set", "stepz=3"], "unknown option 'stepz'; valid: lr, sites, steps, stop_loss"),
+    (["--model", "hf:/no/such/dir"], "no such directory"), (["--method", "nope"], "unknown method"),
+])
+def test_cli_mistakes_are_one_line_and_leave_nothing(args, says, tmp_path):
+    out = tmp_path / "run"
+    base = {"--method": "ft-lm", "--out": str(out)}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    r = CliRunner().invoke(app, ["run"] + [x for kv in base.items() for x in kv])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and says in lines[0] and "pydantic" not in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_list_options_explains_a_method():
+    r = CliRunner().invoke(app, ["list", "options", "t-patcher"])
+    assert r.exit_code == 0 and "max_neurons" in r.output and "one per mistaken target token" in r.output
+    assert CliRunner().invoke(app, ["list", "options", "nope"]).exit_code == 2
+
+
+def test_generate_shows_the_edited_answer_as_text(one_thread):
+    from mmke.editors.base import EditRequest
+    from mmke.editors.ft import FTConfig, FTEditor
+    from mmke.models.base import Example
+    from PIL import Image
+
+    adapter = tiny_llava(seed=0)
+    ex = Example("what color is the shape?", " red", Image.new("RGB", (32, 32), (0, 128, 128)))
+    before = adapter.generate(ex, max_new_tokens=2)
+    h = FTEditor(adapter, FTConfig(steps=40, lr=5e-3)).edit(EditRequest(ex))
+    n = len(adapter.tokenizer(" red", add_special_tokens=False).input_ids)
+    after = adapter.generate(ex, max_new_tokens=n)
+    assert isinstance(before, str) and after.strip() == "red"
+    h.remove()
+    assert adapter.generate(ex, max_new_tokens=2) == before

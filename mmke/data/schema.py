@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -150,17 +150,30 @@ def _read_raw(path: Path) -> list[tuple[int, Any]]:
 
 
 # ---- validating a record ---------------------------------------------------------------------
-def _resolve(root: Path, rel: str) -> Path | None:
-    """``root/rel`` made absolute if it stays inside ``root``; None for an absolute path, a ``..``
-    that leaves the root (symlinks included) or a path the OS refuses."""
-    try:
-        if not rel or Path(rel).is_absolute() or Path(rel).drive:
-            return None
-        p = (root / rel).resolve()
-        p.relative_to(root.resolve())
-    except (ValueError, OSError):
-        return None
-    return p
+def _resolve(root: Path, rel: str) -> tuple[Path | None, str]:
+    """``(root/rel, "")`` if ``rel`` names a place inside ``root``, else ``(None, the rule broken)``.
+
+    The check is lexical: an absolute path, or a ``..`` that climbs out of the root, is refused;
+    symbolic links inside the root (a folder of images linked to COCO, say) are followed, since
+    they are the user's own choice of where the images live."""
+    if not rel:
+        return None, "empty image path"
+    if "\x00" in rel:
+        return None, f"{rel!r} contains a NUL character"
+    pr = PurePosixPath(rel.replace("\\", "/"))
+    if pr.is_absolute() or PureWindowsPath(rel).drive or PureWindowsPath(rel).is_absolute():
+        return None, f"{rel!r} is an absolute path; image paths must be relative to the image root {root}"
+    parts: list[str] = []
+    for part in pr.parts:
+        if part == "..":
+            if not parts:
+                return None, f"{rel!r} climbs out of the image root {root} with '..'"
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    if not parts:
+        return None, f"{rel!r} names the image root itself, not an image file"
+    return root.joinpath(*parts), ""
 
 
 class _ImageCheck:
@@ -209,10 +222,9 @@ def validate(obj: Any, path: Path, index: int, image_root: Path, rephrase_root: 
     paths: dict[str, Path] = {}
     for f in IMAGE_FIELDS:
         root = rephrase_root if f == "image_rephrase" else image_root
-        p = _resolve(root, obj[f])
+        p, rule = _resolve(root, obj[f])
         if p is None:
-            raise DataError(path, index, f, f"path {obj[f]!r} is not a relative path inside "
-                                            f"the image root {root}")
+            raise DataError(path, index, f, rule)
         problem = check(p) if check else None
         if problem:
             raise DataError(path, index, f, problem)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file
 
 from mmke.io import atomic_save_safetensors, atomic_write_json
@@ -34,6 +34,38 @@ class EditorConfig(BaseModel):
     """Base of every editor's config (pydantic: validated, with defaults that work)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_options(cls, method: str, options: dict[str, Any]) -> "EditorConfig":
+        """Validate user options (``--set key=value``) with errors that name the option and list
+        the valid ones."""
+        unknown = sorted(set(options) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"{method}: unknown option{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; valid: {', '.join(sorted(cls.model_fields))} "
+                             f"(`mmke list options {method}` explains them)")
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            msg = "; ".join(f"option {'.'.join(map(str, x['loc'])) or '?'!r}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"{method}: {msg}") from None
+
+    @classmethod
+    def option_docs(cls) -> list[tuple[str, Any, str]]:
+        """(name, default, one-line meaning) of every option, the meaning taken from the comment
+        beside the field in the config class (or its bases)."""
+        import inspect
+        import re
+
+        notes: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            try:
+                src = inspect.getsource(klass)
+            except (OSError, TypeError):
+                continue
+            for m in re.finditer(r"^\s+(\w+):[^\n#]*?#\s*(.+)$", src, re.M):
+                notes[m.group(1)] = m.group(2).strip()
+        return [(k, f.default, notes.get(k, "")) for k, f in cls.model_fields.items()]
 
 
 class EditHandle:

@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 class TPatcherConfig(EditorConfig):
     layer: int = -1  # the last LM layer
     max_neurons: int = 5  # neurons per edit: one per mistaken target token, at most this many
-    steps: int = 200
-    lr: float = 1e-2
+    steps: int = 200  # at most this many optimisation steps per edit
+    lr: float = 1e-2  # Adam (reference)
     act_weight: float = 1.0  # alc
     act_margin: float = 0.0  # act_margin_val
     mem_weight: float = 5.0  # mlc
@@ -61,7 +61,7 @@ class TPatcherConfig(EditorConfig):
     amplify: float = 10.0  # amplify_con: the values' trained scale starts here
     seed: int = 0  # the values' random start
     patience: int = 10  # steps without memory-loss improvement, once the edit holds, before stopping
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # Adam's weight decay (reference)
     max_exp: float = 30.0  # exponents are clamped here (numerical safety only)
 
 

@@ -100,7 +100,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: str | Path, adapter=None) -> None:
         # validate names and method options first, and record the method's full option set
-        method_cfg = editor_class(cfg.method).Config(**cfg.method_config)
+        method_cfg = editor_class(cfg.method).Config.from_options(cfg.method, cfg.method_config)
         if not cfg.model.startswith(HF_PREFIX) and cfg.model not in MODELS:
             raise KeyError(f"unknown model {cfg.model!r}; known: {', '.join(MODELS)} or hf:<path-or-hub-id>")
         cfg = cfg.model_copy(update={"method_config": method_cfg.model_dump()})

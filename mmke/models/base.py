@@ -224,6 +224,27 @@ class ModelAdapter(ABC):
         return merge_views([self.target_view(self.prepare([examples[i] for i in idx])) for idx in groups],
                            groups, len(examples))
 
+    @torch.no_grad()
+    def generate(self, example: Example, max_new_tokens: int = 8, stop: str = "\n") -> str:
+        """The model's greedy answer to ``example`` (its prompt and image; its target is ignored),
+        as text — with every installed edit in effect. Token by token: each step scores a
+        placeholder after the answer so far and takes the top-1 prediction for it."""
+        tok = self.tokenizer
+        eos = getattr(tok, "eos_token_id", None)
+        pad = tok.eos_token or tok.pad_token or "."
+        ids: list[int] = []
+        for _ in range(max_new_tokens):
+            so_far = tok.decode(ids)
+            v = self.run([Example(example.prompt, so_far + pad, example.image, example.context)])
+            n = int(v.mask[0].sum())
+            nxt = int(v.logits[0, n - 1].argmax())  # the position predicting the placeholder
+            if nxt == eos:
+                break
+            ids.append(nxt)
+            if stop and stop in tok.decode(ids):
+                break
+        return tok.decode(ids).split(stop)[0] if stop else tok.decode(ids)
+
     # ---- layout -------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

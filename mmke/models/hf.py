@@ -24,6 +24,7 @@ alone, as MMEdit does for text locality).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -414,6 +415,12 @@ def load_hf(name_or_path: str, *, device_map: str | dict | None = None, dtype: A
     ``AutoProcessor``. ``device_map="auto"`` spreads it over the available GPUs (accelerate)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        name_or_path = str(local)
+    elif name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"hf:{name_or_path}: no such directory (a local checkpoint folder, or a "
+                                "hub id of the form org/name)")
     config = AutoConfig.from_pretrained(name_or_path)
     layout_for(config)  # unsupported families fail before the weights load
     kwargs = dict(model_kwargs)
