@@ -1,15 +1,17 @@
-"""UniKE's figures (SPEC §7, issue 4), written into docs/:
+"""UniKE's figures as the paper draws them (SPEC §5, §7), written into ``--out`` (default
+``runs/figures``, outside the tracked tree; ``--out docs`` refreshes the ones the docs show):
 
 - ``unike_tsne_<task>.png``: t-SNE of the memory's positive (question + correct answer) and negative
   (question + the model's own wrong answer) states, raw and in the semantic and truthfulness
   spaces of the trained encoders (last edited layer);
-- ``unike_k_sweep_<task>.png``: number of retrieved states / demonstrations K in {8, 16, 24, 32, 40},
-  latent IKE (``unike-latent``) vs prompt IKE (``ike``);
-- ``unike_s_sweep_<task>.png``: full UniKE with a fixed s in {0.2, 0.5, 0.8} vs the dynamic s;
+- ``unike_k_sweep_<task>.png``: the number K of retrieved states / demonstrations in
+  {8, 16, 24, 32, 40}, both with the new neurons: intrinsic + latent IKE (``unike``, K = ``k``)
+  vs intrinsic + prompt IKE (``unike-intrinsic-ike``, K = ``ike_k``);
+- ``unike_s_sweep_<task>.png``: UniKE with a fixed s in {0.2, 0.5, 0.8} vs the dynamic s;
 - ``unike_figures_<task>.json``: every number plotted, with the commands' settings.
 
     .venv/bin/python scripts/unike_figures.py --task vqa --limit 20
-    .venv/bin/python scripts/unike_figures.py --task vqa --only tsne
+    .venv/bin/python scripts/unike_figures.py --task vqa --only tsne --method unike-plus
 
 Needs the ``figures`` extra (scikit-learn, matplotlib): ``pip install -e .[figures]``.
 """
@@ -27,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from mmke.scoring import METRICS
 from mmke.eval.runner import Run, RunConfig
+from mmke.io import atomic_write_json
 from mmke.registry import load_model
+from mmke.scoring import METRICS
 
 log = logging.getLogger("unike_figures")
 LABELS = {"reliability": "Rel", "t_generality": "T-Gen", "m_generality": "M-Gen", "t_locality": "T-Loc",
@@ -47,7 +50,7 @@ def run_one(adapter, task: str, method: str, limit: int, method_config: dict) ->
     return row
 
 
-def tsne_figure(task: str, weights: Path | None, out: Path, seed: int) -> dict:
+def tsne_figure(task: str, weights: Path | None, out: Path, seed: int, method: str = "unike") -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +61,7 @@ def tsne_figure(task: str, weights: Path | None, out: Path, seed: int) -> dict:
     from mmke.editors.unike.encoders import UniKEEncoders
     from mmke.editors.unike.memory import LatentMemory
 
-    d = weights or bundled_weights_dir("unike", task)
+    d = weights or bundled_weights_dir(method, task)
     mem = LatentMemory.load(d)
     meta = json.loads((d / "weights.json").read_text())
     arch = meta["architecture"]
@@ -80,9 +83,9 @@ def tsne_figure(task: str, weights: Path | None, out: Path, seed: int) -> dict:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"UniKE memory, {task}: {n} train cases, t-SNE")
+    fig.suptitle(f"{method} memory, {task}: {n} train cases, t-SNE")
     fig.tight_layout()
-    f = out / f"unike_tsne_{task}.png"
+    f = out / f"{method.replace('-', '_')}_tsne_{task}.png"
     fig.savefig(f, dpi=110)
     plt.close(fig)
     return {"file": str(f), "layer": mem.layers[j], "n_pairs": n, "weights": str(d)}
@@ -133,7 +136,9 @@ def main() -> None:
     ap.add_argument("--task", default="vqa", choices=["vqa", "caption"])
     ap.add_argument("--limit", type=int, default=20, help="eval cases per configuration")
     ap.add_argument("--weights", type=Path, default=None, help="UniKE weights dir (default: bundled)")
-    ap.add_argument("--out", type=Path, default=Path("docs"))
+    ap.add_argument("--out", type=Path, default=Path("runs/figures"))
+    ap.add_argument("--method", default="unike", choices=["unike", "unike-plus"],
+                    help="the UniKE whose memory (t-SNE) and s (s sweep) are drawn")
     ap.add_argument("--only", choices=["tsne", "k", "s"], nargs="*", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -148,24 +153,27 @@ def main() -> None:
                    "threads": torch.get_num_threads()})
     t0 = time.time()
     if "tsne" in todo:
-        result["tsne"] = tsne_figure(args.task, args.weights, args.out, args.seed)
+        result["tsne"] = tsne_figure(args.task, args.weights, args.out, args.seed, args.method)
     adapter = load_model("default") if todo & {"k", "s"} else None
     if "k" in todo:
         ks = [8, 16, 24, 32, 40]
-        rows = {"unike-latent": {str(k): run_one(adapter, args.task, "unike-latent", args.limit, {**wcfg, "k": k})
-                                 for k in ks},
-                "ike": {str(k): run_one(adapter, args.task, "ike", args.limit, {"k": k}) for k in ks}}
-        line_figure(rows, ks, f"Retrieved states (latent IKE) vs demonstrations (IKE), {args.task}, "
-                              f"{args.limit} cases", args.out / f"unike_k_sweep_{args.task}.png", "K")
+        rows = {"intrinsic + latent IKE (unike)":
+                {str(k): run_one(adapter, args.task, "unike", args.limit, {**wcfg, "k": k}) for k in ks},
+                "intrinsic + IKE (unike-intrinsic-ike)":
+                {str(k): run_one(adapter, args.task, "unike-intrinsic-ike", args.limit, {"ike_k": k}) for k in ks}}
+        line_figure(rows, ks, f"K retrieved states (latent IKE) vs K demonstrations (IKE), both with the new "
+                              f"neurons, {args.task}, {args.limit} cases",
+                    args.out / f"unike_k_sweep_{args.task}.png", "K")
         result["k_sweep"] = rows
     if "s" in todo:
-        rows = {f"s={s}": run_one(adapter, args.task, "unike", args.limit, {**wcfg, "s": s}) for s in (0.2, 0.5, 0.8)}
-        rows["dynamic s"] = run_one(adapter, args.task, "unike", args.limit, {**wcfg, "s": "dynamic"})
-        bar_figure(rows, f"UniKE with fixed vs dynamic s, {args.task}, {args.limit} cases",
-                   args.out / f"unike_s_sweep_{args.task}.png")
+        m = args.method
+        rows = {f"s={s}": run_one(adapter, args.task, m, args.limit, {**wcfg, "s": s}) for s in (0.2, 0.5, 0.8)}
+        rows["dynamic s"] = run_one(adapter, args.task, m, args.limit, {**wcfg, "s": "dynamic"})
+        bar_figure(rows, f"{m} with fixed vs dynamic s, {args.task}, {args.limit} cases",
+                   args.out / f"{m.replace('-', '_')}_s_sweep_{args.task}.png")
         result["s_sweep"] = rows
     result["wall_s"] = round(time.time() - t0, 1)
-    res_f.write_text(json.dumps(result, indent=1))
+    atomic_write_json(res_f, result)
     log.info("wrote %s (%.0f s)", res_f, time.time() - t0)
 
 

@@ -18,7 +18,6 @@ unedited model (no latent-IKE shift).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from mmke.data.schema import load_records
 from mmke.editors.unike.intrinsic import ffn_inputs_at_targets
+from mmke.io import atomic_write_json
 from mmke.scoring import case_inputs
 from mmke.eval.runner import Run, RunConfig
 from mmke.models.base import target_positions
@@ -101,8 +101,7 @@ def main() -> None:
     for m, by in table.items():
         print(f"{m:<20} {by['raw']:>10} {by['whitened']:>15}")
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "fires_percent": table},
-                                       indent=1))
+        atomic_write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "fires_percent": table})
 
 
 if __name__ == "__main__":
