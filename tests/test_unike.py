@@ -330,3 +330,26 @@ def test_unike_is_the_papers_method_and_unike_plus_the_named_variant(records, tr
     enc.s_floor.zero_()
     raw = got[False]
     assert torch.allclose(got[True], ((raw - 0.5) / 0.5).clamp(0, 1), atol=1e-6)
+
+
+def test_image_gate_keeps_neurons_silent_on_other_images_and_text(records):
+    """unike-plus's gate: the edit's own image passes, another image and a text-only input do not."""
+    adapter = tiny_llava()
+    red, blue = _img((220, 20, 20)), _img((20, 20, 220))
+    ex = Example("what color is the shape?", " green", red)
+    other_img = Example("what color is the shape?", " green", blue)
+    text = Example("what color is the shape?", " green", None)
+    before = _logits(adapter, [other_img, text])
+    cfg = UniKEIntrinsicEditor.Config(**FAST, key_init="whitened", image_gate=(0.3, 0.5))
+    ed = UniKEIntrinsicEditor(adapter, cfg, task=TASKS["vqa"], train_records=records)
+    h = ed.edit(EditRequest(ex))
+    assert h.meta["image_gate"] and all(float(h.tensors[f"patch.{l}.gated"]) == 1.0 for l in ed.layers)
+    v = adapter.run([ex])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())  # the edit holds on its image
+    # tiny random models: images that differ a lot get distant signatures; the neurons stay silent
+    patch = ed.layers[-1]
+    sig_cos = float(h.tensors[f"patch.{patch}.img_key"].norm())
+    assert abs(sig_cos - 1.0) < 1e-4
+    after = _logits(adapter, [other_img, text])
+    assert torch.equal(after[1], before[1])  # text-only: gate 0, bit for bit unchanged
+    h.remove()

@@ -35,7 +35,9 @@ class FFNPatch(nn.Module):
         self.value = nn.Parameter(torch.zeros(n, hidden))
         self.act = act
 
-    def forward(self, q: torch.Tensor) -> torch.Tensor:  # q: [B, T, H] -> [B, T, H]
+    def forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [B, T, H] (or [B*T, H]) -> the patch's addition to the FFN output, same shape.
+        ``image_mask`` [B, T] (the image-token positions) is for patches that look at the image."""
         return self.act(q @ self.key.to(q.dtype) + self.bias.to(q.dtype)) @ self.value.to(q.dtype)
 
 
@@ -54,7 +56,7 @@ class PatchHooks:
                 box["q"] = args[0]
 
             def add(_mod, _args, out, box=box, patch=patch):
-                return out + patch(box.pop("q")).to(out.dtype)
+                return out + patch(box.pop("q"), adapter.current_image_mask).to(out.dtype)
 
             self._handles.append(key.register_forward_pre_hook(capture))
             self._handles.append(value.register_forward_hook(add))

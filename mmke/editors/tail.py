@@ -62,6 +62,7 @@ class TailCache:
     hidden: torch.Tensor | None  # [B, T, H] input of layer ``first``; None: full passes (fallback)
     kwargs: dict[str, Any] = field(default_factory=dict)
     labels: torch.Tensor | None = None  # [B, T]
+    image_mask: torch.Tensor | None = None  # [B, T] image-token positions
 
 
 class TailRunner:
@@ -91,7 +92,7 @@ class TailRunner:
             view = self.adapter.target_view(batch)
         finally:
             h.remove()
-        cache = TailCache(examples, None, labels=batch.labels)
+        cache = TailCache(examples, None, labels=batch.labels, image_mask=self.adapter.image_mask(batch))
         if not self.enabled or "hidden" not in box:
             return cache, view
         kwargs = {}
@@ -115,9 +116,10 @@ class TailRunner:
         if cache.hidden is None:
             return self.adapter.run(cache.examples)
         h = cache.hidden
-        for layer in self.adapter.lm_layers()[self.first:]:
-            out = layer(h, **cache.kwargs)
-            h = out[0] if isinstance(out, tuple) else out
+        with self.adapter.running(cache.image_mask):
+            for layer in self.adapter.lm_layers()[self.first:]:
+                out = layer(h, **cache.kwargs)
+                h = out[0] if isinstance(out, tuple) else out
         for mod in self.finals or []:
             h = mod(h)
         return head_at_targets(h, cache.labels, self.head)

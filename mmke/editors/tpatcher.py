@@ -78,7 +78,7 @@ class AmplifiedPatch(FFNPatch):
             self.value.copy_(torch.randn(n, hidden, generator=g))
         self.amp = nn.Parameter(torch.full((n, hidden), float(amplify)))
 
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.act(q @ self.key.to(q.dtype) + self.bias.to(q.dtype)) @ (self.value * self.amp).to(q.dtype)
 
     def frozen(self) -> FFNPatch:

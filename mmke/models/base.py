@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -164,6 +165,9 @@ class ModelAdapter(ABC):
         # Run wrappers installed by routing editors (SERAC): ``wrapper(inner_run, examples)`` returns
         # the TargetView of ``examples``, calling ``inner_run`` for whatever it does not answer itself.
         self.run_wrappers: list[RunWrapper] = []
+        #: [B, T] image-token positions of the batch being run (set for the duration of a forward
+        #: pass): hooks that need to know which positions are image tokens read it here
+        self.current_image_mask: torch.Tensor | None = None
 
     # ---- inputs and forward -------------------------------------------------------------
     @abstractmethod
@@ -191,15 +195,36 @@ class ModelAdapter(ABC):
             out.append(ex)
         return self._prepare(out)
 
+    def image_mask(self, batch: Batch) -> torch.Tensor:
+        """[B, T] True at the positions that hold image tokens. Families whose image tokens are
+        ``image_token_id`` placeholders in ``input_ids`` get this for free; others override it."""
+        ids = batch.inputs["input_ids"]
+        tok = getattr(self, "image_token_id", None)
+        return ids == tok if tok is not None else torch.zeros_like(ids, dtype=torch.bool)
+
+    @contextmanager
+    def running(self, batch: Batch | torch.Tensor) -> Iterator[None]:
+        """Mark ``batch`` (or its image mask) as the one being run (see :attr:`current_image_mask`)."""
+        prev = self.current_image_mask
+        self.current_image_mask = batch if torch.is_tensor(batch) else self.image_mask(batch)
+        try:
+            yield
+        finally:
+            self.current_image_mask = prev
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self._forward(batch.to(self.device))
+        batch = batch.to(self.device)
+        with self.running(batch):
+            return self._forward(batch)
 
     def _target_view(self, batch: Batch) -> TargetView:
         """Logits at target positions; adapters may override to skip the LM head elsewhere."""
         return target_view(self._forward(batch), batch.labels)
 
     def target_view(self, batch: Batch) -> TargetView:
-        return self._target_view(batch.to(self.device))
+        batch = batch.to(self.device)
+        with self.running(batch):
+            return self._target_view(batch)
 
     def sub_batches(self, examples: Sequence[Example]) -> list[list[int]]:
         """Indices of the examples run together: all at once where the forward handles image and

@@ -298,6 +298,9 @@ class DefaultAdapter(ModelAdapter):
         # Only the positions that predict target tokens go through the 49k-way LM head.
         return head_at_targets(self.model.hidden(**batch.inputs), batch.labels, self.model.lm.lm_head)
 
+    def image_mask(self, batch: Batch) -> torch.Tensor:
+        return batch.inputs["vis_mask"]
+
     def lm_layers(self) -> nn.ModuleList:
         return self.model.lm.model.layers
 

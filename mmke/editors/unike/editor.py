@@ -16,9 +16,10 @@ of the last 4 LM layers, K = 40 retrieved states):
   the retrieved knowledge), and the truthfulness direction zeta offsets the new values (Eq. 6).
 
 ``unike-plus`` is mmke's variant, measured beside it: closed-form whitened keys with a ramp gate
-(keys in the locality memory's whitened metric), the shift on the whole layer's output (the
-residual stream), and a floor under the dynamic s calibrated on unrelated inputs at training time.
-It has its own weights (``unike-plus-<task>``).
+(keys in the locality memory's whitened metric), neurons gated on the edit's image (they stay
+silent on other images and on text-only inputs; :mod:`~mmke.editors.unike.intrinsic`), the shift on
+the whole layer's output (the residual stream), and a floor under the dynamic s calibrated on
+unrelated inputs at training time. It has its own weights (``unike-plus-<task>``).
 
 One edit, in order:
 
@@ -82,6 +83,8 @@ class UniKEConfig(TrainedEditorConfig):
     gate_lo: float = 0.25  # whitened keys: a neuron is off below this similarity to the edit (1 = the edit)
     gate_hi: float = 0.45  # ... and, with act="ramp", fires as on the edit above this one
     shrink_to: float | None = None  # after training, shrink the new values while P(target) stays >= this
+    image_gate: tuple[float, float] | None = None  # (lo, hi): the neurons fire only on images whose
+    # signature has a cosine above lo with the edit image's (fully above hi); unike-plus
     shift_key_weight: float = 1.0  # with latent IKE: weight of the shift's direction in the initial keys
     mem_weight: float = 1.0
     mem_margin: float = 0.0
@@ -276,12 +279,13 @@ class UniKEEditor(TrainedEditor):
                     act_weight=cfg.act_weight, margin=cfg.margin, mem_weight=cfg.mem_weight,
                     mem_margin=cfg.mem_margin, stop_loss=cfg.stop_loss, mem_tol=cfg.mem_tol,
                     q_base=q_base, shift_weight=cfg.shift_key_weight,
-                    whiten=whiten, gate=(cfg.gate_lo, cfg.gate_hi))
+                    whiten=whiten, gate=(cfg.gate_lo, cfg.gate_hi), image_gate=cfg.image_gate)
                 if cfg.shrink_to is not None:
                     meta["value_scale"] = round(shrink_values(self.runner, cache, patches, cfg.shrink_to), 4)
                 for l, p in patches.items():
                     tensors.update({f"patch.{l}.{k}": v.detach().cpu() for k, v in p.state().items()})
-                meta.update(steps=steps, final_nll=round(nll, 4))
+                meta.update(steps=steps, final_nll=round(nll, 4),
+                            image_gate=bool(next(iter(patches.values())).gated) if patches else False)
         except BaseException:
             for fn in reversed(undo):
                 fn()
@@ -386,10 +390,12 @@ class UniKEPlusConfig(UniKEConfig):
     key_init: Literal["trained", "whitened"] = "whitened"
     site: Literal["layer", "attn"] = "layer"
     s_calibrated: bool = True
+    image_gate: tuple[float, float] | None = (0.3, 0.5)
 
 
 class UniKEPlusEditor(UniKEEditor):
-    """mmke's UniKE: whitened keys with a ramp gate, the shift on the layer output, calibrated s."""
+    """mmke's UniKE: whitened keys with a ramp gate, neurons gated on the edit's image, the shift on
+    the layer output, calibrated s."""
 
     name = "unike-plus"
     Config = UniKEPlusConfig

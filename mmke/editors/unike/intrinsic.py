@@ -23,6 +23,15 @@ almost as close as its paraphrases; in the whitened one they separate (docs/RESU
 covers every token position of the memory inputs, not only the answer-predicting ones, so prompt
 and answer tokens stay silent too. A ramp (off below ``lo``, full above ``hi``) turns the
 similarity into the activation; only the values are trained.
+
+The image gate (``unike-plus``): the new neurons of an edit made on an image fire only on inputs
+whose image resembles the edit's. An input's image signature at a patched layer is the mean FFN
+input over its image-token positions (``adapter.current_image_mask``; image tokens come before the
+question, so the signature does not depend on it); the gate is a ramp of its cosine with the
+edit's signature, both centred on the memory's mean signature, and 0 for inputs without an image.
+Without it, the edit's own question about another image (benchmark v2's hard M-Locality input)
+fires the neurons as strongly as the edit: late-layer states at the answer position carry the
+question far more than the image.
 """
 
 from __future__ import annotations
@@ -63,6 +72,12 @@ class EditPatch(FFNPatch):
         self.register_buffer("center", torch.zeros(hidden))  # mu [H]
         self.register_buffer("scale", torch.ones(()))  # gamma []
         self.register_buffer("offset", torch.zeros(hidden))  # beta * W_zeta zeta [H]
+        # image gate: the edit's centred image signature (unit, [H]), the centre, the ramp (lo, hi)
+        # on the cosine, and whether the gate is on (an edit made on an image, with the option set)
+        self.register_buffer("img_key", torch.zeros(hidden))
+        self.register_buffer("img_center", torch.zeros(hidden))
+        self.register_buffer("img_ramp", torch.tensor([0.0, 1.0]))
+        self.register_buffer("gated", torch.zeros(()))
         self.recorded: dict[str, torch.Tensor] = {}  # last call's q and pre-activation, when recording
         self.record = False
 
@@ -70,16 +85,42 @@ class EditPatch(FFNPatch):
         return ((q - self.center.to(q.dtype)) * self.scale.to(q.dtype)) @ self.key.to(q.dtype) \
             + self.bias.to(q.dtype)
 
-    def forward(self, q: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
-        z = self.pre(q)
+    def image_gate(self, q: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-row gate [B] in [0, 1] from the rows' image signatures (see the module docstring)."""
+        if image_mask is None:  # no image anywhere in the batch
+            return q.new_zeros(q.shape[0] if q.dim() == 3 else 1)
+        B, T = image_mask.shape
+        x = q.reshape(B, T, -1).float()
+        m = image_mask.to(x.device, x.dtype)[..., None]  # [B, T, 1]
+        n = m.sum(1)  # [B, 1]
+        sig = (x * m).sum(1) / n.clamp(min=1)  # [B, H]
+        cos = F.cosine_similarity(sig - self.img_center, self.img_key[None], dim=-1)
+        lo, hi = self.img_ramp[0], self.img_ramp[1]
+        return ((cos - lo) / (hi - lo)).clamp(0, 1) * (n[:, 0] > 0)
+
+    def set_image_gate(self, signature: torch.Tensor, center: torch.Tensor, lo: float, hi: float) -> None:
+        """Gate the neurons on the edit's image signature [H] (centred on ``center``)."""
+        with torch.no_grad():
+            self.img_key.copy_(F.normalize(signature.float() - center.float(), dim=-1))
+            self.img_center.copy_(center)
+            self.img_ramp.copy_(torch.tensor([lo, hi]))
+            self.gated.fill_(1.0)
+
+    def forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.pre(q)  # [B, T, n] (or [B*T, n] where the family flattens tokens)
         if self.record:
             self.recorded = {"q": q, "z": z}
         a = self.act(z)
+        if bool(self.gated):
+            g = self.image_gate(q, image_mask).to(a.dtype)
+            a = (a.reshape(len(g), -1, a.shape[-1]) * g[:, None, None]).reshape(a.shape)
         return a @ self.value.to(q.dtype) + a.sum(-1, keepdim=True) * self.offset.to(q.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"key": self.key.data, "bias": self.bias.data, "value": self.value.data,
-                "center": self.center, "scale": self.scale, "offset": self.offset}
+                "center": self.center, "scale": self.scale, "offset": self.offset,
+                "img_key": self.img_key, "img_center": self.img_center, "img_ramp": self.img_ramp,
+                "gated": self.gated}
 
     @classmethod
     def from_state(cls, t: dict[str, torch.Tensor], act: str = "relu") -> "EditPatch":
@@ -103,6 +144,8 @@ class LocalityMemory:
     # layer -> (count, sum [H], sum of outer products [H, H]) of the FFN inputs at *every* position
     # of the memory inputs (float64): what the whitened keys must also stay silent on
     moments: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = None
+    # layer -> [H] mean image signature (mean FFN input over image-token positions) of the inputs
+    image_center: dict[int, torch.Tensor] | None = None
     _whiteners: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def center(self, layer: int) -> torch.Tensor:
@@ -146,6 +189,8 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
     top1: list[torch.Tensor] = []
     gold: list[torch.Tensor] = []
     moments = {l: [0, 0.0, 0.0] for l in layers}
+    img_sum = {l: 0.0 for l in layers}
+    n_img = 0
     box: dict[int, torch.Tensor] = {}
     hooks = [adapter.site(f"lm.ffn_key.{l}").register_forward_pre_hook(
         lambda _m, args, l=l: box.__setitem__(l, args[0].detach())) for l in layers]
@@ -158,7 +203,13 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
                 view = adapter.target_view(batch)
                 pos, _, mask = target_positions(batch.labels.to(adapter.device))
                 attn = batch.inputs.get("attention_mask")
+                im = adapter.image_mask(batch).to(adapter.device)
+                has = im.any(1)
+                n_img += int(has.sum())
                 for l in layers:
+                    x = box[l].reshape(*im.shape, -1).float()
+                    sig = (x * im[..., None]).sum(1) / im.sum(1, keepdim=True).clamp(min=1)
+                    img_sum[l] = img_sum[l] + sig[has].sum(0)
                     q = box[l].gather(1, pos.unsqueeze(-1).expand(-1, -1, box[l].shape[-1]))
                     qs[l].append(q[mask].float())
                     every = box[l]
@@ -177,7 +228,8 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
         for h in hooks:
             h.remove()
     return LocalityMemory({l: torch.cat(v, 0) for l, v in qs.items()}, owner, torch.cat(top1), torch.cat(gold),
-                          {l: (m[0], m[1].cpu(), m[2].cpu()) for l, m in moments.items()})
+                          {l: (m[0], m[1].cpu(), m[2].cpu()) for l, m in moments.items()},
+                          {l: (img_sum[l] / n_img).cpu() for l in layers} if n_img else None)
 
 
 @torch.no_grad()
@@ -249,16 +301,25 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
                   key_lr: float, act_weight: float, margin: float, mem_weight: float, mem_margin: float,
                   stop_loss: float, mem_tol: float = 0.0, q_base: dict[int, torch.Tensor] | None = None,
                   shift_weight: float = 0.0, whiten: float | None = None,
-                  gate: tuple[float, float] = (0.25, 0.45)) -> tuple[int, float]:
+                  gate: tuple[float, float] = (0.25, 0.45),
+                  image_gate: tuple[float, float] | None = None) -> tuple[int, float]:
     """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, NLL).
     ``q_base``: the edit's FFN inputs without latent IKE (:func:`init_patches`). ``whiten`` (the
     ridge of :meth:`LocalityMemory.whitener`): closed-form keys, fixed; only the values train (the
-    activation and memory losses, which move keys, are off)."""
+    activation and memory losses, which move keys, are off). ``image_gate`` (lo, hi): gate the
+    neurons on the edit's image (see :meth:`EditPatch.set_image_gate`); needs the memory's image
+    centre and an edit with an image, and is off otherwise."""
     pos = target_positions(cache.labels)[0][0]  # [P] positions predicting the target tokens
     for p in patches.values():
         p.record = True
     with torch.no_grad():
         runner.run(cache)  # records each layer's FFN inputs (values are still 0: no effect)
+    im = cache.image_mask
+    if (image_gate is not None and memory is not None and memory.image_center is not None
+            and im is not None and bool(im[0].any())):
+        for l, p in patches.items():
+            x = p.recorded["q"].reshape(*im.shape, -1)[0].float()  # [T, H] the edit's FFN inputs
+            p.set_image_gate(x[im[0].to(x.device)].mean(0), memory.image_center[l].to(x), *image_gate)
     mem = {l: memory.q[l][keep_rows] if keep_rows is not None else memory.q[l] for l in patches} \
         if memory is not None else None
     if whiten is not None and memory is None:
