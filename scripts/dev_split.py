@@ -5,7 +5,8 @@ Takes the default benchmark's train split of a task, drops every record an edito
 the records of the shipped UniKE latent-IKE memories), samples ``--n`` of the rest (seeded) and
 gives each a counterfactual target (another answer of the same type, or a caption with the colour
 or the shape changed), since the model already knows the train split's true answers. Writes
-``<out>/<task>_dev.json`` in the MMEdit layout with the benchmark directory as image root:
+``<out>/<task>_dev.json`` in the MMEdit layout with the benchmark directory as image root (E-VQA
+balanced by answer type as the evaluation file: 40% yes/no, 30% colour, 30% shape):
 
     .venv/bin/python scripts/dev_split.py --task vqa --n 100
     .venv/bin/mmke run --method unike-plus --task vqa --data runs/dev/vqa_dev.json \\
@@ -36,8 +37,17 @@ def held_out(task: str, n: int, memory_size: int, seed: int) -> tuple[list[dict]
             used |= set(json.loads(f.read_text()).get("records", []))
     free = [i for i in range(len(records)) if i not in used]
     rng = random.Random(f"dev:{task}:{seed}")
+    if task == "vqa":  # balanced by answer type as the evaluation file is: 40% yes/no, 30% colour, 30% shape
+        by_type: dict[str, list[int]] = {}
+        for i in free:
+            by_type.setdefault(records[i].get("answer_type", "?"), []).append(i)
+        want = {"yes/no": round(0.4 * n), "colour": round(0.3 * n)}
+        want["shape"] = n - sum(want.values())
+        picked = [i for t, k in want.items() for i in rng.sample(by_type.get(t, []), min(k, len(by_type.get(t, []))))]
+    else:
+        picked = rng.sample(free, min(n, len(free)))
     out = []
-    for i in sorted(rng.sample(free, min(n, len(free)))):
+    for i in sorted(picked):
         r = dict(records[i])
         if task == "vqa":
             r["pred"], r["alt"] = r["alt"], wrong_answer(r["alt"], rng)
