@@ -122,6 +122,13 @@ class UniKEConfig(TrainedEditorConfig):
     def _gate(self):
         if not 0.0 <= self.gate_lo < self.gate_hi <= 1.0:
             raise ValueError("need 0 <= gate_lo < gate_hi <= 1")
+        if self.image_gate is not None:
+            lo, hi = self.image_gate
+            if not -1.0 <= lo < hi <= 1.0:
+                raise ValueError("image_gate needs -1 <= lo < hi <= 1 (cosines)")
+            if self.external == "latent" and self.site != "layer":
+                raise ValueError("image_gate gates the latent shift with the layer's new neurons, which run "
+                                 "before the layer output but after its attention: it needs site='layer'")
         return self
 
     @field_validator("s")
@@ -265,7 +272,7 @@ class UniKEEditor(TrainedEditor):
                 if cfg.external == "latent" and whiten is None:  # trained keys start from the shift
                     q_base = record_ffn_inputs(self.runner, cache, patches)  # before the shift
             if cfg.external == "latent":
-                undo.append(self._install_latent(tensors).remove)
+                undo.append(self._install_latent(tensors, patches).remove)
             if cfg.intrinsic:
                 if cfg.zeta != "none":
                     self._set_offsets(patches, retrieved)
@@ -296,8 +303,11 @@ class UniKEEditor(TrainedEditor):
     def ffn_width(self, layer: int) -> int:
         return int(self.adapter.site(f"lm.ffn_key.{layer}").in_features)
 
-    def _install_latent(self, tensors: dict[str, torch.Tensor]) -> LatentShift:
-        """The latent-IKE hooks from the retrieved indices and the edit's own states in ``tensors``."""
+    def _install_latent(self, tensors: dict[str, torch.Tensor], patches: dict[int, EditPatch] | None = None
+                        ) -> LatentShift:
+        """The latent-IKE hooks from the retrieved indices and the edit's own states in ``tensors``.
+        With the image gate, each layer's shift is gated like the layer's new neurons (``patches``),
+        whose gate the same forward computed just before (site ``layer``: the FFN runs first)."""
         mem = self.memory
         dev = self.adapter.device
         know, center = {}, {}
@@ -307,9 +317,11 @@ class UniKEEditor(TrainedEditor):
             center[l] = mem.mean[j].to(dev)
         s = None if self.config.s == "dynamic" else float(self.config.s)
         enc = self.module if s is None else None
+        gates = ({l: (lambda p=p: p.last_gate) for l, p in patches.items()}
+                 if patches and self.config.image_gate is not None else None)
         return LatentShift(self.adapter, know, center, s=s, encoders=enc,
                            enc_index={l: j for j, l in enumerate(self.layers)}, tau=self.config.tau,
-                           site=self.config.site, calibrated=self.config.s_calibrated)
+                           site=self.config.site, calibrated=self.config.s_calibrated, row_gate=gates)
 
     @torch.no_grad()
     def _set_offsets(self, patches: dict[int, EditPatch], retrieved: dict[int, list[int]]) -> None:
@@ -345,19 +357,20 @@ class UniKEEditor(TrainedEditor):
                     raise ValueError(f"{path}: an edit with prompt IKE; load it with external='ike'")
                 ike_handle = self.ike.load(Path(path) / "ike")
                 undo.append(ike_handle.remove)
-            if meta.get("external") == "latent":
-                if self.memory is None or self.memory.digest() != meta.get("memory"):
-                    raise ValueError(f"{path}: the edit's latent-IKE memory ({meta.get('memory')}) is not this "
-                                     "editor's; load it with the weights it was made with")
-                if meta.get("s") != self.config.s:
-                    raise ValueError(f"{path}: saved with s={meta.get('s')!r}, this editor has s={self.config.s!r}")
-                undo.append(self._install_latent(t).remove)
+            patches: dict[int, EditPatch] = {}
             if meta.get("intrinsic"):
                 patches = {l: EditPatch.from_state({k.split(".", 2)[2]: v for k, v in t.items()
                                                     if k.startswith(f"patch.{l}.")}, meta.get("act", "relu"))
                            .to(self.adapter.device)
                            for l in self.layers}
                 undo.append(PatchHooks(self.adapter, patches).remove)
+            if meta.get("external") == "latent":
+                if self.memory is None or self.memory.digest() != meta.get("memory"):
+                    raise ValueError(f"{path}: the edit's latent-IKE memory ({meta.get('memory')}) is not this "
+                                     "editor's; load it with the weights it was made with")
+                if meta.get("s") != self.config.s:
+                    raise ValueError(f"{path}: saved with s={meta.get('s')!r}, this editor has s={self.config.s!r}")
+                undo.append(self._install_latent(t, patches).remove)
         except BaseException:
             for fn in reversed(undo):
                 fn()

@@ -80,6 +80,7 @@ class EditPatch(FFNPatch):
         self.register_buffer("gated", torch.zeros(()))
         self.recorded: dict[str, torch.Tensor] = {}  # last call's q and pre-activation, when recording
         self.record = False
+        self.last_gate: torch.Tensor | None = None  # [B] the image gate of the last call (None: ungated)
 
     def pre(self, q: torch.Tensor) -> torch.Tensor:  # [.., H] -> [.., n]
         return ((q - self.center.to(q.dtype)) * self.scale.to(q.dtype)) @ self.key.to(q.dtype) \
@@ -111,9 +112,11 @@ class EditPatch(FFNPatch):
         if self.record:
             self.recorded = {"q": q, "z": z}
         a = self.act(z)
+        self.last_gate = None
         if bool(self.gated):
             g = self.image_gate(q, image_mask).to(a.dtype)
             a = (a.reshape(len(g), -1, a.shape[-1]) * g[:, None, None]).reshape(a.shape)
+            self.last_gate = g
         return a @ self.value.to(q.dtype) + a.sum(-1, keepdim=True) * self.offset.to(q.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:

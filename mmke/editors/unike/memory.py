@@ -27,7 +27,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,13 +140,14 @@ def site_outputs(adapter: ModelAdapter, layers: Sequence[int], site: str) -> Ite
 
 
 def shift(h: torch.Tensor, P: torch.Tensor, center: torch.Tensor, tau: float, s: float | None,
-          semantic=None, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+          semantic=None, floor: float = 0.0, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent IKE on states h [B, T, H] with knowledge P [M, H]: (h', s [B, T]).
 
     ``s`` None is dynamic: c = cos(semantic(h_know), h - center), where ``semantic`` maps a state
     into the centred question-state space (the trained semantic encoder), and
     s = clamp((c - floor) / (1 - floor), 0, 1); ``floor`` = 0 is the paper's clamped cosine, the
-    trained encoders carry a floor calibrated on unrelated inputs (see mmke.train.unike)."""
+    trained encoders carry a floor calibrated on unrelated inputs (see mmke.train.unike). ``gate``
+    [B] scales each row's s (unike-plus: the image gate of the layer's new neurons)."""
     h32 = h.float()
     P_unit = F.normalize(P.float() - center, dim=-1)  # [M, H]
     att = torch.softmax(F.normalize(h32 - center, dim=-1) @ P_unit.t() / tau, -1)  # [B, T, M]
@@ -156,6 +157,8 @@ def shift(h: torch.Tensor, P: torch.Tensor, center: torch.Tensor, tau: float, s:
         s_t = ((c - floor) / (1 - floor)).clamp(0, 1)
     else:
         s_t = torch.full(h.shape[:-1], float(s), device=h.device)
+    if gate is not None:
+        s_t = s_t * gate.to(s_t)[:, None]
     return ((1 - s_t[..., None]) * h32 + s_t[..., None] * know).to(h.dtype), s_t
 
 
@@ -164,12 +167,15 @@ class LatentShift:
 
     def __init__(self, adapter: ModelAdapter, know: dict[int, torch.Tensor], center: dict[int, torch.Tensor], *,
                  s: float | None, encoders: UniKEEncoders | None, enc_index: dict[int, int], tau: float,
-                 site: str, calibrated: bool = False) -> None:
+                 site: str, calibrated: bool = False,
+                 row_gate: dict[int, Callable[[], torch.Tensor | None]] | None = None) -> None:
         if s is None and encoders is None:
             raise ValueError("dynamic s needs the trained semantic encoder")
         self.know = know  # layer -> [M, H] retrieved h_pos (+ the edit's own)
         self.center = center  # layer -> [H] memory mean of the question states
         self.s, self.encoders, self.tau, self.calibrated = s, encoders, tau, calibrated
+        # layer -> the current forward's per-row gate (set earlier in the same layer's forward)
+        self.row_gate = row_gate or {}
         self.last_s: dict[int, torch.Tensor] = {}  # layer -> [B, T] of the last forward (inspection)
         self._handles = [site_module(adapter, l, site).register_forward_hook(self._hook(l, enc_index[l]))
                          for l in know]
@@ -180,8 +186,11 @@ class LatentShift:
         semantic = (lambda x: enc.semantic(i, x)) if enc is not None else None
         floor = float(enc.s_floor[i]) if enc is not None and self.calibrated else 0.0
 
+        gate_of = self.row_gate.get(layer)
+
         def hook(_mod, _args, out):  # out: [B, T, H] (or a tuple whose first item it is)
-            new, s = shift(_hidden_of(out), P, center, self.tau, self.s, semantic, floor)
+            gate = gate_of() if gate_of is not None else None
+            new, s = shift(_hidden_of(out), P, center, self.tau, self.s, semantic, floor, gate)
             self.last_s[layer] = s.detach()
             return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
