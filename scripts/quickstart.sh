@@ -1,21 +1,19 @@
 #!/usr/bin/env bash
-# The main job: set up, build the bundled benchmark, run every editor (the trained ones with their
-# bundled weights) on E-VQA-lite and E-IC-lite with the bundled default model, and print the
-# paper-style table. LIMIT (cases per run, default 20), OUT (default runs/quickstart) and METHODS
-# (space-separated, default: all) can be overridden.
+# The main job: set up, then run every method on E-VQA-lite and E-IC-lite (the bundled benchmark v2,
+# built on first use) with the bundled default model — one process, the model loaded once, the
+# trained editors with their bundled weights — and print one table per task, every cell with its
+# 95% bootstrap interval. Overrides: LIMIT (cases per method and task, default 10: a smoke-sized
+# table; LIMIT=200 is the full table of docs/RESULTS.md), OUT (default runs/quickstart), METHODS
+# (space- or comma-separated, default below). Re-running the same command resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-LIMIT=${LIMIT:-20}
+LIMIT=${LIMIT:-10}
 OUT=${OUT:-runs/quickstart}
-METHODS=${METHODS:-"ft-lm ft-vision ike t-patcher mend mend-vision ke serac unike"}
+METHODS=${METHODS:-"null ft-lm ft-vision ike t-patcher mend mend-vision ke serac serac-mm unike unike-plus"}
+METHODS=$(echo "$METHODS" | tr ' ' ',' | tr -s ',' | sed 's/^,//; s/,$//')
 MMKE=.venv/bin/mmke
-$MMKE data build
-for task in vqa caption; do
-  for method in $METHODS; do
-    echo "== $method on $task ($LIMIT cases)"
-    $MMKE run --method "$method" --task "$task" --limit "$LIMIT" --out "$OUT/$task-$method"
-  done
-done
+echo "== one-step editing, $LIMIT cases per method and task: $METHODS"
+$MMKE run --method "$METHODS" --task vqa,caption --limit "$LIMIT" --out "$OUT"
 echo
 $MMKE report "$OUT"
