@@ -11,6 +11,12 @@ balanced by answer type as the evaluation file: 40% yes/no, 30% colour, 30% shap
     .venv/bin/python scripts/dev_split.py --task vqa --n 100
     .venv/bin/mmke run --method unike-plus --task vqa --data runs/dev/vqa_dev.json \\
         --image-root ~/.cache/mmke/easyvqa-lite/v2-seed-0 --out runs/dev/vqa-unike-plus
+
+It also writes ``<out>/<task>_dev_sameimg.json``: the same cases with the M-Locality input
+replaced by another question about the edit's own image (a different meaning, its true answer).
+The benchmark's M-Locality uses unrelated images; this file measures what it cannot — whether an
+edit leaks into other questions about the same picture — so that a setting is not chosen for
+being blind there.
 """
 
 from __future__ import annotations
@@ -61,6 +67,27 @@ def held_out(task: str, n: int, memory_size: int, seed: int) -> tuple[list[dict]
     return out, bench
 
 
+def same_image_locality(records: list[dict]) -> list[dict]:
+    """The records with ``m_loc*`` = another question about the edit image (another meaning)."""
+    from mmke.data.build import canonicalise
+
+    by_image: dict[int, list[tuple[str, str]]] = {}
+    for q, a, i in ev.questions("train"):
+        by_image.setdefault(i, []).append((q, a))
+    out = []
+    for r in records:
+        i = int(Path(r["image"]).stem)
+        try:
+            own = canonicalise(r["src"])
+        except ValueError:  # a caption prompt: any question about the image is another meaning
+            own = None
+        others = [(q, a) for q, a in by_image.get(i, []) if canonicalise(q) != own]
+        if others:
+            q, a = others[len(out) % len(others)]
+            out.append(dict(r, m_loc=r["image"], m_loc_q=q, m_loc_a=a))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="vqa", choices=["vqa", "caption"])
@@ -71,7 +98,9 @@ def main() -> None:
     args = ap.parse_args()
     recs, bench = held_out(args.task, args.n, args.memory_size, args.seed)
     f = atomic_write_json(args.out / f"{args.task}_dev.json", recs)
-    print(f"wrote {len(recs)} held-out train cases to {f} (image root {bench})")
+    same = same_image_locality(recs)
+    g = atomic_write_json(args.out / f"{args.task}_dev_sameimg.json", same)
+    print(f"wrote {len(recs)} held-out train cases to {f} and {len(same)} to {g} (image root {bench})")
 
 
 if __name__ == "__main__":
