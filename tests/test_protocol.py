@@ -236,3 +236,22 @@ def test_generate_shows_the_edited_answer_as_text(one_thread):
     assert isinstance(before, str) and after.strip() == "red"
     h.remove()
     assert adapter.generate(ex, max_new_tokens=2) == before
+
+
+def test_report_labels_runs_on_other_data_and_symlinked_roots_run(toy, tmp_path, one_thread):
+    """Two runs of one method on different data are two labelled rows; an image root that is a
+    symbolic link runs like the folder it points to."""
+    adapter = tiny_llava(seed=0)
+    other = tmp_path / "other"
+    other.mkdir()
+    link = tmp_path / "linked-root"
+    link.symlink_to(toy.parent, target_is_directory=True)
+    data2 = other / "toy.json"
+    data2.write_text(toy.read_text())
+    cfg = dict(model="tiny-llava", method="null", train_data=str(toy))
+    Run(RunConfig(**cfg, data=str(toy)), tmp_path / "runs" / "a", adapter=adapter).execute()
+    s = Run(RunConfig(**cfg, data=str(data2), image_root=str(link)), tmp_path / "runs" / "b",
+            adapter=adapter).execute()
+    assert s["n_cases"] == 6
+    rows = [r for r in render(collect([tmp_path / "runs"])).splitlines() if r.startswith("| null")]
+    assert len(rows) == 2 and all("data=" in r for r in rows)

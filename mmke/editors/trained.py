@@ -166,5 +166,6 @@ class TrainedEditor(Editor):
             raise FileNotFoundError(
                 f"{self.name} needs trained weights for model {self.model_name!r} on task {task!r}; "
                 f"none are bundled. Train them with `{train_command(self.name, task, self.model_name)}` "
-                f"and pass --set weights=DIR")
+                f"(or mmke.train.editors.train_method) and give the directory as the option weights=DIR "
+                f"(`--set weights=DIR` on the command line)")
         return d

@@ -197,8 +197,11 @@ def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_matc
                 n_hard = ivs[HARD_M_LOCALITY].n if HARD_M_LOCALITY in ivs else 0
                 body.append([label] + [fmt_interval(ivs.get(c)) for c in COLUMNS]
                             + [f"{n}" + (f" ({n_hard} hard)" if n_hard else "")])
+            ns = {row[t][1] for row in rows if t in row}
+            title = f"{TASKS[t].title} ({t})" + (" — rows differ in case counts: compare only rows of "
+                                                  "the same n, or use `mmke compare`" if len(ns) > 1 else "")
             body += _reference_rows([t], compact=False) if reference else []
-            tables.append((f"{TASKS[t].title} ({t})", header, body))
+            tables.append((title, header, body))
     note = (f"{what}, percent, with 95% bootstrap intervals over cases; setting: {', '.join(settings)}; "
             f"Mean = mean of the five metrics; M-Loc hard = M-Loc on the cases whose unrelated-image "
             f"question is the edit's own; n = cases")
