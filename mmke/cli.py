@@ -20,6 +20,9 @@ app.add_typer(data_app, name="data")
 
 
 def _setup_logging(verbose: bool) -> None:
+    from mmke.threads import configure_threads
+
+    configure_threads()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     for noisy in ("transformers", "sentence_transformers", "httpx", "urllib3", "filelock"):

@@ -255,3 +255,21 @@ def test_report_labels_runs_on_other_data_and_symlinked_roots_run(toy, tmp_path,
     assert s["n_cases"] == 6
     rows = [r for r in render(collect([tmp_path / "runs"])).splitlines() if r.startswith("| null")]
     assert len(rows) == 2 and all("data=" in r for r in rows)
+
+
+def test_thread_default_respects_the_environment_and_the_load(monkeypatch):
+    import os
+
+    from mmke import threads
+
+    monkeypatch.delenv("MMKE_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert threads.default_threads() == 4  # a quiet machine: every core
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.8, 0.0, 0.0))
+    assert threads.default_threads() == 1  # three busy processes on four cores: one thread
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.default_threads() == 1  # never fewer than one
