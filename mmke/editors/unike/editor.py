@@ -41,7 +41,9 @@ The variants are this editor with other defaults: ``unike-intrinsic``, ``unike-l
 
 from __future__ import annotations
 
+import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +63,7 @@ from mmke.models.base import target_positions
 from mmke.scoring import case_inputs
 
 log = logging.getLogger(__name__)
+_LOCALITY_CACHE: dict[str, tuple] = {}
 
 
 
@@ -223,14 +226,31 @@ class UniKEEditor(TrainedEditor):
         if self.task is None:
             raise ValueError(f"{self.name} needs the task to template its locality memory")
         out = []
-        for r in records[: self.config.memory_size]:
+        recs = records[: self.config.memory_size]
+        for r in recs:
             x = case_inputs(r, self.task, self.adapter.load_image)
             out += [x[k] for k in self.config.memory_kinds]
+        # what the memory is built from: the same records, task and kinds give the same memory
+        self._loc_key = (self.task.name, tuple(self.config.memory_kinds),
+                         tuple(json.dumps(r.to_dict(), sort_keys=True) + str(r.image_path) for r in recs))
         return out
 
     def locality(self) -> LocalityMemory | None:
+        """The locality memory of the unedited model (built once per process for a model, layers and
+        memory inputs: UniKE's variants and repeated runs share it)."""
         if self._locality is None and self._loc_examples:
-            self._locality = ffn_inputs_at_targets(self.adapter, self.layers, self._loc_examples)
+            key = (tuple(self.layers), self._loc_key)
+            cached = _LOCALITY_CACHE.get("entry")
+            if cached is not None and cached[0]() is self.adapter.model and cached[1] == key:
+                self._locality = cached[2]
+            else:
+                if self.adapter.input_transforms or self.adapter.run_wrappers:
+                    raise RuntimeError(f"{self.name}: the locality memory must be built on the unedited model; "
+                                       "another editor's edit is installed")
+                self._locality = ffn_inputs_at_targets(self.adapter, self.layers, self._loc_examples)
+                # one entry (it holds [N, H] inputs and [H, H] moments per layer); the model by weak
+                # reference, so a new model at a recycled address never matches
+                _LOCALITY_CACHE["entry"] = (weakref.ref(self.adapter.model), key, self._locality)
         return self._locality
 
     # ---- the edit -----------------------------------------------------------------------
