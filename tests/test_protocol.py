@@ -155,10 +155,15 @@ def test_report_keeps_differing_runs_apart_and_compare_pairs_cases(toy, tmp_path
     _run("tiny-llava", adapter, toy, tmp_path / "runs" / "ft", method="ft-lm", method_config={"steps": 3})
     _run("tiny-llava", adapter, toy, tmp_path / "runs" / "ft4", method="ft-lm", limit=4,
          method_config={"steps": 3})
+    _run("tiny-llava", adapter, toy, tmp_path / "runs" / "ft4s", method="ft-lm", limit=4,
+         method_config={"steps": 2})
     sums = collect([tmp_path / "runs"])
     table = render(sums)
     rows = [r for r in table.splitlines() if r.startswith("| ft-lm")]
-    assert len(rows) == 2 and any("limit=4" in r for r in rows) and any("limit=None" in r for r in rows)
+    assert len(rows) == 3 and any("limit=4" in r for r in rows) and any("limit=None" in r for r in rows)
+    # a label names the options that differ between the method's rows, not all of them
+    assert sum("steps=2" in r for r in rows) == 1 and sum("steps=3" in r for r in rows) == 2
+    assert not any("lr=" in r for r in rows)
     assert "[" in rows[0] and "M-Loc hard" in table  # intervals and the hard sub-metric
     page = render(sums, fmt="html")
     assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page and page.rstrip().endswith("</html>")
@@ -255,6 +260,12 @@ def test_report_labels_runs_on_other_data_and_symlinked_roots_run(toy, tmp_path,
     assert s["n_cases"] == 6
     rows = [r for r in render(collect([tmp_path / "runs"])).splitlines() if r.startswith("| null")]
     assert len(rows) == 2 and all("data=" in r for r in rows)
+    # another file in the same folder is another dataset too
+    data3 = toy.parent / "vqa_toy_sameimg.json"
+    data3.write_text(toy.read_text())
+    Run(RunConfig(**cfg, data=str(data3)), tmp_path / "runs" / "c", adapter=adapter).execute()
+    rows = [r for r in render(collect([tmp_path / "runs"])).splitlines() if r.startswith("| null")]
+    assert len(rows) == 3 and sum("toy_sameimg" in r for r in rows) == 1
 
 
 def test_thread_default_respects_the_environment_and_the_load(monkeypatch):

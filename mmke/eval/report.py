@@ -111,7 +111,14 @@ def _data_identity(s: dict[str, Any]) -> str:
     if bench and bench.get("content_hash"):
         return f"benchmark v{bench.get('version')} {bench['content_hash'][:12]}"
     data = (s.get("config") or {}).get("data")
-    return f"data in {Path(data).parent}" if data else "bundled"
+    if not data:
+        return "bundled"
+    # a user's files: the folder and the name less its task prefix (vqa_dev.json and
+    # caption_dev.json are one dataset; vqa_dev_sameimg.json is another)
+    stem = Path(data).name.split(".")[0]
+    for task in ("vqa_", "caption_"):
+        stem = stem.removeprefix(task)
+    return str(Path(data).parent / stem)
 
 
 def row_key(s: dict[str, Any]) -> dict[str, Any]:
@@ -132,17 +139,18 @@ def _labels(keys: list[dict[str, Any]]) -> list[str]:
         same = [o for o in keys if o["method"] == k["method"] and o["model"] == k["model"]]
         differ = [f for f in k if f not in ("model", "method") and len({json.dumps(o[f]) for o in same}) > 1]
         label = k["method"] if len(models) == 1 else f"{k['model']} / {k['method']}"
-        if differ:
-            label += " (" + ", ".join(f"{f}={_short(f, k[f])}" for f in differ) + ")"
+        parts = []
+        for f in differ:
+            if f == "options":  # only the options in which this method's rows differ
+                mine, others = json.loads(k[f]), [json.loads(o[f]) for o in same]
+                parts += [f"{a}={json.dumps(mine.get(a))}" for a in sorted({a for o in others for a in o})
+                          if len({json.dumps(o.get(a)) for o in others}) > 1]
+            else:
+                parts.append(f"{f}={k[f]}")
+        if parts:
+            label += " (" + ", ".join(parts) + ")"
         out.append(label)
     return out
-
-
-def _short(field: str, value: Any) -> str:
-    if field == "options":
-        d = json.loads(value)
-        return "{" + ", ".join(f"{a}: {b}" for a, b in d.items()) + "}" if d else "{}"
-    return str(value)
 
 
 def table_rows(summaries: list[dict[str, Any]], exact_match: bool = False):

@@ -37,8 +37,8 @@ from mmke.models.base import Example
 class SERACMMConfig(SERACBaseConfig):
     """serac-mm options (see :class:`SERACBaseConfig`). ``feature_layer``, ``text_features`` and
     ``scope_*`` shape the classifier and must match its weights; ``buffer_cases`` only matters to
-    training. Trained with ``mmke train --method serac-mm --task vqa|caption`` (300 steps of 4
-    cases, about 25 minutes on one CPU core)."""
+    training. The bundled weights: ``mmke train --method serac-mm --task vqa|caption --steps 250``
+    (about 20 minutes on one CPU core; each ``CARD.md`` holds the exact command and its log)."""
 
     threshold: float = 0.9
     #: LM layer whose output states feed the classifier (negative counts from the end); None: a

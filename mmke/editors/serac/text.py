@@ -57,8 +57,8 @@ TEXT_DIM = 384  # all-MiniLM-L6-v2
 
 class SERACConfig(SERACBaseConfig):
     """SERAC options (see :class:`SERACBaseConfig`); ``scope_hidden`` shapes the projection head.
-    Trained with ``mmke train --method serac --task vqa --steps 500`` (``--task caption --steps
-    600``): about 25 minutes on one CPU core."""
+    The bundled weights: ``mmke train --method serac --task vqa|caption --steps 400`` (about 16
+    minutes on one CPU core; each ``CARD.md`` holds the exact command and its log)."""
 
     #: scope probability at or above which an input is in scope (the paper: 0.5)
     threshold: float = 0.5
