@@ -153,7 +153,7 @@ def main() -> None:
                    "threads": torch.get_num_threads()})
     t0 = time.time()
     if "tsne" in todo:
-        result["tsne"] = tsne_figure(args.task, args.weights, args.out, args.seed, args.method)
+        result[f"tsne ({args.method})"] = tsne_figure(args.task, args.weights, args.out, args.seed, args.method)
     adapter = load_model("default") if todo & {"k", "s"} else None
     if "k" in todo:
         ks = [8, 16, 24, 32, 40]
@@ -171,7 +171,7 @@ def main() -> None:
         rows["dynamic s"] = run_one(adapter, args.task, m, args.limit, {**wcfg, "s": "dynamic"})
         bar_figure(rows, f"{m} with fixed vs dynamic s, {args.task}, {args.limit} cases",
                    args.out / f"{m.replace('-', '_')}_s_sweep_{args.task}.png")
-        result["s_sweep"] = rows
+        result[f"s_sweep ({m})"] = rows
     result["wall_s"] = round(time.time() - t0, 1)
     atomic_write_json(res_f, result)
     log.info("wrote %s (%.0f s)", res_f, time.time() - t0)
