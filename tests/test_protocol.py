@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from mmke.cli import app
 from mmke.eval.report import collect, compare, render, render_compare
-from mmke.eval.runner import Run, RunConfig
+from mmke.eval.runner import Run, RunConfig, check_same_run
 from mmke.eval.stats import bootstrap_ci, paired_difference, sign_flip_p_value
 from mmke.io import atomic_write_json
 from mmke.models.tiny import tiny_blip2, tiny_llava
@@ -115,6 +115,9 @@ def test_resume_refuses_changed_inputs_and_failed_start_writes_nothing(toy, tmp_
     atomic_write_json(out / "run.json", run)
     with pytest.raises(ValueError, match=r"library versions \(torch 0.0.1 -> "):
         _run("tiny-llava", adapter, toy, out, limit=2)
+    # an option held as a tuple reads back from run.json as a list: the same run, resumable
+    mine = {"config": {"method_config": {"image_gate": (0.3, 0.5)}}, "provenance": {}}
+    check_same_run(out, json.loads(json.dumps(mine)), mine)
 
 
 # ---- atomic writes ------------------------------------------------------------------------------

@@ -264,7 +264,9 @@ _PROVENANCE_WORDS = {"versions": "library versions", "model_digest": "the model'
 
 
 def check_same_run(out: Path, old: dict[str, Any], mine: dict[str, Any]) -> None:
-    """Raise a ValueError saying what differs when ``out`` holds another run."""
+    """Raise a ValueError saying what differs when ``out`` holds another run. Both sides are
+    compared as JSON holds them (a tuple option reads back as a list)."""
+    old, mine = json.loads(json.dumps(old)), json.loads(json.dumps(mine))
     oc, mc = old.get("config", {}), mine["config"]
     if oc != mc:
         diff = sorted(k for k in set(oc) | set(mc) if oc.get(k) != mc.get(k))
