@@ -88,7 +88,9 @@ def tsne_figure(task: str, weights: Path | None, out: Path, seed: int, method: s
     f = out / f"{method.replace('-', '_')}_tsne_{task}.png"
     fig.savefig(f, dpi=110)
     plt.close(fig)
-    return {"file": str(f), "layer": mem.layers[j], "n_pairs": n, "weights": str(d)}
+    root = Path(__file__).resolve().parents[1]
+    shown = d.resolve().relative_to(root) if d.resolve().is_relative_to(root) else d  # no home paths in docs
+    return {"file": str(f), "layer": mem.layers[j], "n_pairs": n, "weights": str(shown)}
 
 
 def line_figure(rows: dict, xs: list, title: str, f: Path, xlabel: str) -> None:
