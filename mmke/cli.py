@@ -65,8 +65,9 @@ def validation_message(e) -> str:
     parts = []
     for err in e.errors():
         where = ".".join(str(x) for x in err.get("loc", ()))
-        name = f"--{where.replace('_', '-')}" if where and "." not in where else where or "input"
-        parts.append(f"{name}: {err.get('msg', 'invalid')}")
+        name = f"--{where.replace('_', '-')}" if where and "." not in where else where
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{name}: {msg}" if name else msg)
     return "; ".join(parts)
 
 
@@ -113,6 +114,18 @@ def data_build(
     console.print_json(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
 
 
+_DEFAULT_K = {"sequential": 10, "cross-task": 10, "lifelong": 1000}
+
+
+def _parse_checkpoints(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--checkpoints {text!r}: comma-separated numbers of edits, e.g. 1,10,100") from None
+
+
 @app.command("run")
 def run_cmd(
     method: str = typer.Option(..., help="editing method (`mmke list methods`); several, comma-separated, "
@@ -132,10 +145,18 @@ def run_cmd(
                                                                   "(default: --image-root)"),
     skip_invalid: bool = typer.Option(False, help="skip malformed records (reported and counted)"),
     m_locality: str = typer.Option("top1", help="top1 (default) or reference-top10"),
+    setting: str = typer.Option("one-step", help="one-step, sequential (groups of K edits), cross-task "
+                                                 "(--task vqa+caption, groups interleaving both) or lifelong "
+                                                 "(one stream of K edits scored at --checkpoints)"),
+    k: Optional[int] = typer.Option(None, "--k", help="edits per group (sequential, cross-task; default 10) or "
+                                                      "in the stream (lifelong; default 1000)"),
+    checkpoints: Optional[str] = typer.Option(None, help="lifelong: score after these numbers of edits, e.g. "
+                                                         "1,10,100,1000 (default: powers of ten and K)"),
+    probes: int = typer.Option(100, help="lifelong: locality probe cases (the first of the stream)"),
     set_: List[str] = typer.Option([], "--set", help="method option key=value (repeatable)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run (or resume) one-step editing evaluations and write DIR/summary.json."""
+    """Run (or resume) editing evaluations in a setting and write DIR/summary.json."""
     _setup_logging(verbose)
     from mmke.eval.report import summary_line
     from mmke.eval.runner import Run, RunConfig
@@ -152,6 +173,8 @@ def run_cmd(
                            image_root=str(image_root) if image_root else (str(data.parent) if data else None),
                            rephrase_image_root=str(rephrase_image_root) if rephrase_image_root else None,
                            limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
+                           setting=setting, k=k if k is not None else _DEFAULT_K.get(setting, 1),
+                           checkpoints=_parse_checkpoints(checkpoints), probes=probes,
                            method_config=_parse_sets(set_)),
                  out / f"{t}-{m}" if several else out) for t in tasks for m in methods]
         plans = [Run(cfg, d) for cfg, d in runs]

@@ -1,8 +1,17 @@
 """The contract every editor follows: ``edit(request) -> EditHandle`` with ``remove()`` and ``save()``.
 
-An edit either changes parameters (the handle keeps the originals and restores them bit for bit)
-or installs something beside the model (a prompt transform, a hook); ``remove()`` undoes exactly
-what ``edit`` did. Handles are saved as safetensors (tensors) + JSON (everything else).
+An edit either changes parameters or installs something beside the model (a prompt transform, a
+hook, a memory entry); ``remove()`` undoes exactly what ``edit`` did, in any order. Handles are
+saved as safetensors (tensors) + JSON (everything else).
+
+Edits compose: many can be applied to one model, and removing any of them, in any order, leaves the
+model with the others. Parameter edits go through the model's :class:`WeightLedger`, which keeps,
+per parameter, the chain of edits that changed it as the value before each (so an edit's delta is
+the difference between its "before" and the next one's); removing an edit re-adds the later edits'
+deltas to its own "before". Removing the most recent edit restores the previous state bit for bit,
+and removing every edit, in any order, restores the unedited parameters bit for bit (the first
+"before" of a chain is the unedited value and is never recomputed). Hook and memory editors compose
+by construction: each edit's hook or entry is removed on its own.
 """
 
 from __future__ import annotations
@@ -68,33 +77,124 @@ class EditorConfig(BaseModel):
         return [(k, f.default, notes.get(k, "")) for k, f in cls.model_fields.items()]
 
 
+class WeightLedger:
+    """The parameter edits applied to one model, as chains of "before" values per parameter.
+
+    For a parameter changed by edits h1..hn (in order) with values b1..bn before each and c now,
+    edit hi's delta is b(i+1) - bi (b(n+1) = c). Removing hi sets the parameter to
+    bi + sum of the later deltas, and the later edits' "before" values move down accordingly. The
+    unedited value b1 is only ever copied, so removing every edit restores it exactly, in any order.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.chains: dict[str, list[tuple[int, torch.Tensor]]] = {}  # parameter -> [(edit id, before)]
+        self.base: dict[str, torch.Tensor] = {}  # unedited values of parameters whose edits were released
+
+    @staticmethod
+    def of(adapter: ModelAdapter) -> "WeightLedger":
+        """The ledger of ``adapter``'s model (one per model, created on first use)."""
+        ledger = getattr(adapter.model, "_mmke_weight_ledger", None)
+        if ledger is None:
+            ledger = WeightLedger(adapter.model)
+            object.__setattr__(adapter.model, "_mmke_weight_ledger", ledger)  # not a submodule
+        return ledger
+
+    def record(self, edit_id: int, befores: dict[str, torch.Tensor]) -> None:
+        """Note that edit ``edit_id`` changed these parameters from the given values (already applied)."""
+        for name, before in befores.items():
+            self.chains.setdefault(name, []).append((edit_id, before))
+
+    def remove(self, edit_id: int) -> None:
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, chain in list(self.chains.items()):
+                ids = [e for e, _ in chain]
+                if edit_id not in ids:
+                    continue
+                i = ids.index(edit_id)
+                p = named[name]
+                befores = [b for _, b in chain] + [p.detach().clone()]
+                value = befores[i].clone()  # exactly the model before edit i ...
+                later: list[tuple[int, torch.Tensor]] = []
+                for j in range(i + 1, len(chain)):  # ... plus every later edit's delta, in order
+                    later.append((chain[j][0], value.clone()))
+                    value = value + (befores[j + 1] - befores[j])
+                p.copy_(value)
+                self.chains[name] = chain[:i] + later
+                if not self.chains[name]:
+                    del self.chains[name]
+
+    def release(self, edit_id: int) -> None:
+        """Make edit ``edit_id`` and every earlier edit of the same parameters permanent: their
+        "before" values are dropped (memory for long edit streams), keeping only the unedited value
+        for :meth:`restore_all`."""
+        for name, chain in list(self.chains.items()):
+            ids = [e for e, _ in chain]
+            if edit_id in ids:
+                i = ids.index(edit_id)
+                self.base.setdefault(name, chain[0][1])
+                self.chains[name] = chain[i + 1:]
+                if not self.chains[name]:
+                    del self.chains[name]
+
+    def restore_all(self) -> None:
+        """Put every parameter any edit changed back to its unedited value (released edits too)."""
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, chain in self.chains.items():
+                self.base.setdefault(name, chain[0][1])
+            for name, value in self.base.items():
+                named[name].copy_(value)
+        self.chains.clear()
+        self.base.clear()
+
+
 class EditHandle:
-    """Undo record of one applied edit."""
+    """Undo record of one applied edit. ``params``: the values of the parameters the edit changed,
+    as they were just before it (the edit is already applied)."""
+
+    _next_id = 0
 
     def __init__(self, adapter: ModelAdapter, method: str, *, params: dict[str, torch.Tensor] | None = None,
                  undo: Callable[[], None] | None = None, meta: dict[str, Any] | None = None,
                  tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.adapter = adapter
         self.method = method
-        self._originals = params or {}  # parameter name -> original value (clone)
+        EditHandle._next_id += 1
+        self.id = EditHandle._next_id
+        self._params = bool(params)
+        if params:
+            WeightLedger.of(adapter).record(self.id, params)
         self._undo = undo
         self.meta = meta or {}
         # what the edit *is*, for saving: new parameter values or added tensors
         self.tensors = tensors if tensors is not None else {}
         self.active = True
+        self.released = False
 
     def remove(self) -> None:
-        """Restore the model exactly as it was before this edit."""
+        """Take this edit out: the model is left exactly as it would be with the other applied
+        edits only (bit for bit once every edit is removed, in any order)."""
         if not self.active:
             return
-        if self._originals:
-            named = dict(self.adapter.model.named_parameters())
-            with torch.no_grad():
-                for name, value in self._originals.items():
-                    named[name].copy_(value)
+        if self.released:
+            raise RuntimeError(f"{self.method} edit {self.id} was released (made permanent) and cannot be "
+                               "removed on its own; restore the model with WeightLedger.restore_all")
+        if self._params:
+            WeightLedger.of(self.adapter).remove(self.id)
         if self._undo is not None:
             self._undo()
         self.active = False
+
+    def release(self) -> None:
+        """Make a parameter edit permanent (with every earlier edit of the same parameters), freeing
+        the copies kept for undo: for long edit streams that are never undone one by one. The
+        unedited values stay with the model's ledger (:meth:`WeightLedger.restore_all`). No-op for
+        edits that change no parameter (they cost no copy)."""
+        if self._params and self.active:
+            WeightLedger.of(self.adapter).release(self.id)
+            self.released = True
 
     def save(self, path: str | Path) -> None:
         """Write ``path/edit.safetensors`` and ``path/edit.json``."""
@@ -157,10 +257,11 @@ class Editor(ABC):
         missing = [k for k in tensors if k not in named]
         if missing:
             raise ValueError(f"{path}: parameters {missing[:3]} do not exist in this model")
+        for k, v in tensors.items():
+            if named[k].shape != v.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model has {tuple(named[k].shape)}")
         originals = {k: named[k].detach().clone() for k in tensors}
         with torch.no_grad():
             for k, v in tensors.items():
-                if named[k].shape != v.shape:
-                    raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model has {tuple(named[k].shape)}")
                 named[k].copy_(v)
         return EditHandle(self.adapter, self.name, params=originals, meta=meta, tensors=tensors)

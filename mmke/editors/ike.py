@@ -2,7 +2,9 @@
 Learning?", EMNLP 2023), in the multimodal form of the MMEdit reference (EasyEdit
 ``easyeditor/models/ike/ike_main.py`` and ``multimodal_evaluate.py``, hparams ``IKE/blip2.yaml``).
 
-No weight changes: the new fact and k demonstrations are put in front of every input.
+No weight changes: the new fact and k demonstrations are put in front of every input. Several
+applied edits share one context (their demonstrations, each edit's share of the budget, then every
+edit's copy demonstration and the latest new fact): IKE's memory is its context, and it grows.
 
 - **Demonstration pool** (paper §3.2; reference ``encode_ike_facts_multimodal``): three sentences per
   train record, with new_fact = "{prompt} {answer}":
@@ -70,6 +72,8 @@ class IKEEditor(Editor):
                              "split: IKEEditor(..., train_records=...), or --train-data on the command line)")
         self.pool = pool_sentences(train_records, self.template)
         self.pool_emb = embed(self.pool)
+        self._active: list[tuple[dict[str, Any], list[int]]] = []  # (meta, demonstrations) of applied edits
+        self._transform = None
 
     def _new_fact(self, record: dict[str, Any]) -> str:
         return f"{self.template(record['src'])} {record['alt'].strip()}"
@@ -77,23 +81,55 @@ class IKEEditor(Editor):
     def _context(self, record: dict[str, Any], indices: list[int]) -> tuple[str, int]:
         """The demonstrations (most similar first), the edit's copy demonstration and the new fact,
         ending in "Prompt: " so that the input follows; and how many demonstrations fitted."""
-        nf = self._new_fact(record)
-        tail = demo(nf, nf) + f"New Fact: {nf}\nPrompt: "
+        ctx, used = self._joint_context([(record, indices)])
+        return ctx, used[0]
+
+    def _joint_context(self, edits: list[tuple[dict[str, Any], list[int]]]) -> tuple[str, list[int]]:
+        """The context of several active edits (sequential editing: IKE's memory is its context):
+        every edit's demonstrations, each edit's share of the token budget (most similar first),
+        then every edit's copy demonstration, then "New Fact: {the latest edit's fact}\nPrompt: ".
+        With one edit this is exactly the single-edit context."""
+        facts = [self._new_fact(r) for r, _ in edits]
+        tail = "".join(demo(nf, nf) for nf in facts) + f"New Fact: {facts[-1]}\nPrompt: "
         budget = self.config.max_context_tokens or max(self.adapter.max_length - 256, 64)
         tok = self.adapter.tokenizer
-        used = len(tok(tail, add_special_tokens=False).input_ids)
-        demos: list[str] = []
-        for j in indices:
-            n = len(tok(self.pool[j], add_special_tokens=False).input_ids)
-            if used + n > budget:
-                log.warning("ike: context limit of %d tokens reached; using %d of %d demonstrations",
-                            budget, len(demos), len(indices))
-                break
-            demos.append(self.pool[j])
-            used += n
-        return "".join(demos) + tail, len(demos)
+        share = (budget - len(tok(tail, add_special_tokens=False).input_ids)) / len(edits)
+        parts, used_n = [], []
+        for _, indices in edits:
+            used, demos = 0, []
+            for j in indices:
+                n = len(tok(self.pool[j], add_special_tokens=False).input_ids)
+                if used + n > share:
+                    log.warning("ike: context limit of %d tokens reached; using %d of %d demonstrations%s",
+                                budget, len(demos), len(indices),
+                                f" for each of {len(edits)} active edits" if len(edits) > 1 else "")
+                    break
+                demos.append(self.pool[j])
+                used += n
+            parts.append("".join(demos))
+            used_n.append(len(demos))
+        return "".join(parts) + tail, used_n
 
-    def _install(self, ctx: str, meta: dict[str, Any]) -> EditHandle:
+    def _install(self, meta: dict[str, Any]) -> EditHandle:
+        """Add an edit to the active ones; one input transform serves them all."""
+        entry = (meta, list(meta["demos"]))
+        self._active.append(entry)
+        self._refresh()
+
+        def undo() -> None:
+            self._active.remove(entry)
+            self._refresh()
+
+        return EditHandle(self.adapter, self.name, undo=undo, meta=meta)
+
+    def _refresh(self) -> None:
+        if self._transform is not None:
+            self.adapter.input_transforms.remove(self._transform)
+            self._transform = None
+        if not self._active:
+            return
+        ctx, used = self._joint_context(self._active)
+        self._active[-1][0]["n_demos_used"] = used[-1]
         if self.config.image_first:
             def transform(ex: Example) -> Example:  # text after the image: part of the prompt
                 return replace(ex, prompt=ctx + ex.prompt)
@@ -101,9 +137,8 @@ class IKEEditor(Editor):
             def transform(ex: Example) -> Example:  # text before the image: the shared context
                 return replace(ex, context=ctx + ex.context)
 
+        self._transform = transform
         self.adapter.input_transforms.append(transform)
-        return EditHandle(self.adapter, self.name, undo=lambda: self.adapter.input_transforms.remove(transform),
-                          meta=meta)
 
     def edit(self, request: EditRequest) -> EditHandle:
         rec = request.record
@@ -112,13 +147,11 @@ class IKEEditor(Editor):
         nf = self._new_fact(rec)
         q = embed([demo(nf, nf)], cache=False)[0]
         idx = top_k(q, self.pool_emb, self.config.k)
-        ctx, used = self._context(rec, idx)
-        meta = {"src": rec["src"], "alt": rec["alt"], "demos": idx, "n_demos_used": used,
-                "image_first": self.config.image_first}
-        return self._install(ctx, meta)
+        meta = {"src": rec["src"], "alt": rec["alt"], "demos": idx, "image_first": self.config.image_first}
+        return self._install(meta)
 
     def load(self, path: str | Path) -> EditHandle:
         method, meta, _ = read_saved_edit(path)
         if method != self.name:
             raise ValueError(f"{path}: saved by editor {method!r}, not {self.name!r}")
-        return self._install(self._context(meta, meta["demos"])[0], meta)
+        return self._install(meta)

@@ -126,7 +126,7 @@ def row_key(s: dict[str, Any]) -> dict[str, Any]:
     cfg = s.get("config") or {}
     return {"model": s["model"], "method": s["method"],
             "options": json.dumps(cfg.get("method_config", {}), sort_keys=True),
-            "data": _data_identity(s), "setting": s.get("setting", "one-step"),
+            "data": _data_identity(s), "setting": s.get("setting", "one-step"), "k": s.get("k", 1),
             "m_locality": cfg.get("m_locality", "top1"), "limit": cfg.get("limit"), "seed": s.get("seed", 0)}
 
 
@@ -177,12 +177,77 @@ def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_matc
     """The report: markdown (default) or a standalone HTML page; numbers in percent."""
     if fmt not in ("markdown", "html"):
         raise ValueError(f"unknown format {fmt!r}; use markdown or html")
-    tasks = [t for t in TASKS if any(s["task"] == t for s in summaries)] or list(TASKS)
-    labels, rows = table_rows(summaries, exact_match)
+    summaries = expand_cross_task(summaries)
     what = "exact match" if exact_match else "token accuracy"
     settings = sorted({s.get("setting", "one-step") for s in summaries})
     tables: list[tuple[str, list[str], list[list[str]]]] = []
+    sections: list[tuple[str, int]] = []
+    for s in summaries:
+        sec = section_of(s)
+        if sec not in sections:
+            sections.append(sec)
+    sections.sort(key=lambda sec: (_SETTING_ORDER.index(sec[0]) if sec[0] in _SETTING_ORDER else 9, sec[1]))
+    for sec in sections:
+        part = [s for s in summaries if section_of(s) == sec]
+        title = "" if sections == [("one-step", 1)] else _section_title(sec)
+        tables += _tables(part, exact_match, reference and sec == ("one-step", 1), compact, title)
+    note = (f"{what}, percent, with 95% bootstrap intervals over cases; setting: {', '.join(settings)}; "
+            f"Mean = mean of the five metrics; M-Loc hard = M-Loc on the cases whose unrelated-image "
+            f"question is the edit's own; n = cases"
+            + ("; lifelong rows: after the stream's last edit, reliability = retention of every edit, "
+               "locality over the probe set" if "lifelong" in settings else ""))
     if compact:
+        note = f"{what}, percent; setting: {', '.join(settings)}; Mean = mean of the five metrics; n = cases per task"
+    if fmt == "html":
+        return _html_page(tables, note)
+    parts = []
+    for title, header, body in tables:
+        lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        parts.append("\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]))
+    return "\n\n".join(parts) + f"\n\n({note})"
+
+
+_SETTING_ORDER = ["one-step", "sequential", "cross-task", "lifelong"]
+
+
+def section_of(s: dict[str, Any]) -> tuple[str, int]:
+    """(setting, K) of a summary: reports group rows by them."""
+    return s.get("setting", "one-step"), int(s.get("k", 1) or 1)
+
+
+def _section_title(sec: tuple[str, int]) -> str:
+    setting, k = sec
+    return {"one-step": "one-step", "lifelong": f"lifelong, {k} edits"}.get(setting, f"{setting}, K = {k}")
+
+
+def _task_title(task: str) -> str:
+    if task in TASKS:
+        return f"{TASKS[task].title} ({task})"
+    return " + ".join(TASKS[t].title for t in task.split("+") if t in TASKS) + f" ({task}, overall)"
+
+
+def expand_cross_task(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A cross-task summary is one row per task (from its ``per_task`` metrics) plus its overall row."""
+    out = []
+    for s in summaries:
+        out.append(s)
+        for t, agg in (s.get("per_task") or {}).items():
+            sub = {**s, **agg, "task": t, "per_task": None}
+            sub["n_cases"] = agg.get("n_cases", s["n_cases"] // max(1, len(s["per_task"])))
+            out.append(sub)
+    return out
+
+
+def _tables(summaries: list[dict[str, Any]], exact_match: bool, reference: bool, compact: bool, section: str
+            ) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The tables of one (setting, K) section: one per task, or the compact layout."""
+    known = [t for t in TASKS if any(s["task"] == t for s in summaries)]
+    tasks = known + sorted({s["task"] for s in summaries} - set(known)) or list(TASKS)
+    labels, rows = table_rows(summaries, exact_match)
+    suffix = f" — {section}" if section else ""
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    if compact:
+        tasks = [t for t in tasks if t in TASKS]
         header = ["Method"] + [f"{TASKS[t].title} {SHORT[m]}" for t in tasks for m in METRICS] + \
                  [f"{TASKS[t].title} Mean" for t in tasks] + ["n"]
         body = []
@@ -193,7 +258,7 @@ def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_matc
             cells += [f"{100 * row[t][0]['mean'].mean:.1f}" if t in row else "–" for t in tasks]
             body.append(cells + [_n_cell(row, tasks)])
         body += _reference_rows(tasks, compact=True) if reference else []
-        tables.append(("", header, body))
+        tables.append((section, header, body))
     else:
         for t in tasks:
             header = ["Method"] + [SHORT[c] for c in COLUMNS] + ["n"]
@@ -206,22 +271,11 @@ def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_matc
                 body.append([label] + [fmt_interval(ivs.get(c)) for c in COLUMNS]
                             + [f"{n}" + (f" ({n_hard} hard)" if n_hard else "")])
             ns = {row[t][1] for row in rows if t in row}
-            title = f"{TASKS[t].title} ({t})" + (" — rows differ in case counts: compare only rows of "
-                                                  "the same n, or use `mmke compare`" if len(ns) > 1 else "")
-            body += _reference_rows([t], compact=False) if reference else []
+            title = _task_title(t) + suffix + (" — rows differ in case counts: compare only rows of "
+                                               "the same n, or use `mmke compare`" if len(ns) > 1 else "")
+            body += _reference_rows([t], compact=False) if reference and t in TASKS else []
             tables.append((title, header, body))
-    note = (f"{what}, percent, with 95% bootstrap intervals over cases; setting: {', '.join(settings)}; "
-            f"Mean = mean of the five metrics; M-Loc hard = M-Loc on the cases whose unrelated-image "
-            f"question is the edit's own; n = cases")
-    if compact:
-        note = f"{what}, percent; setting: {', '.join(settings)}; Mean = mean of the five metrics; n = cases per task"
-    if fmt == "html":
-        return _html_page(tables, note)
-    parts = []
-    for title, header, body in tables:
-        lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        parts.append("\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]))
-    return "\n\n".join(parts) + f"\n\n({note})"
+    return tables
 
 
 def _n_cell(row: dict, tasks: list[str]) -> str:
@@ -266,7 +320,8 @@ def summary_line(s: dict[str, Any]) -> str:
     ivs = _cell_intervals(s, False) if "intervals" in s else None
     vals = " ".join(f"{SHORT[k]} {100 * s['metrics'][k]:.1f}" for k in METRICS)
     mean = f" | mean {fmt_interval(ivs['mean'])}" if ivs else ""
-    return f"{s['model']} {s['method']} {s['task']} ({s['n_cases']} cases): {vals}{mean}"
+    setting = "" if section_of(s) == ("one-step", 1) else f", {_section_title(section_of(s))}"
+    return f"{s['model']} {s['method']} {s['task']} ({s['n_cases']} cases{setting}): {vals}{mean}"
 
 
 # ---- paired comparison -------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""One-step evaluation: pre-edit outputs first, then per case edit -> evaluate -> restore.
+"""Evaluation runs in every setting (:mod:`mmke.eval.settings`): one loop — per group of cases,
+unedited outputs, then the group's edits one after another (scoring at the group's checkpoints),
+then the edits removed and the model verified — for one-step, sequential, cross-task and lifelong.
 
 Composes a model adapter, an editor and MMEdit records; none of them imports this module.
 
 A run directory holds ``run.json`` (the resolved configuration and the provenance of its inputs:
 library versions, model digest, editor-weights digest, data digests and benchmark hash),
-``cases.jsonl`` (one durable line per finished case) and ``summary.json``. Everything is validated
+``cases.jsonl`` (durable lines: a group's scored cases are written together once the group is done,
+so a killed run resumes at the first unfinished group) and ``summary.json``. Everything is validated
 and loaded before the directory is created or touched, so a failed start leaves nothing behind; a
 re-run with the same command resumes, and one whose inputs changed (another model, other editor
 weights, other data, other library versions) is refused with a message that says what changed.
@@ -24,19 +27,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmke.data.bundled import benchmark_of
 from mmke.data.schema import is_hard_m_loc
-from mmke.editors.base import EditRequest
+from mmke.editors.base import EditRequest, WeightLedger
+from mmke.eval.settings import Case, Group, groups, interleave, parse_checkpoints
 from mmke.eval.stats import bootstrap_ci
 from mmke.eval.store import CaseStore
 from mmke.io import atomic_write_json, file_digest
 from mmke.models.base import state_digest
 from mmke.progress import progress
 from mmke.registry import HF_PREFIX, MODELS, editor_class, load_model
-from mmke.scoring import (EDIT_METRICS, HARD_M_LOCALITY, METRICS, CaseOutputs, case_inputs, case_metrics,
-                          run_case)
+from mmke.scoring import (EDIT_METRICS, HARD_M_LOCALITY, METRICS, CaseOutputs, case_inputs,
+                          case_metrics, run_case)
 from mmke.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -49,17 +53,64 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = "default"
-    task: Literal["vqa", "caption"] = "vqa"
+    task: str = "vqa"  # a task name; cross-task: several joined by "+" (vqa+caption)
     method: str = "ft-lm"
     data: str | None = None  # MMEdit eval file; default: the bundled benchmark's
     train_data: str | None = None  # MMEdit train file (IKE demonstrations); default: bundled
     image_root: str | None = None
     rephrase_image_root: str | None = None
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1)  # cases per task (lifelong: the stream is K cases)
     seed: int = 0
     skip_invalid: bool = False
     m_locality: Literal["top1", "reference-top10"] = "top1"
+    setting: Literal["one-step", "sequential", "cross-task", "lifelong"] = "one-step"
+    k: int = Field(1, ge=1)  # edits per group (sequential, cross-task); edits in the stream (lifelong)
+    checkpoints: tuple[int, ...] = ()  # lifelong: score after these numbers of edits (K always)
+    probes: int = Field(100, ge=1)  # lifelong: locality probe cases (the first of the stream)
     method_config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        unknown = [t for t in v.split("+") if t not in TASKS]
+        if unknown or not v:
+            raise ValueError(f"unknown task {'+'.join(unknown) or v!r}; known: {', '.join(TASKS)} "
+                             "(cross-task: vqa+caption)")
+        return v
+
+    @model_validator(mode="after")
+    def _setting(self):
+        tasks = self.tasks
+        if self.setting == "cross-task":
+            if len(tasks) < 2:
+                raise ValueError("--setting cross-task needs two tasks: --task vqa+caption")
+            if self.data is not None:  # the first task's file; the others beside it
+                folder = Path(self.data).parent
+                missing = [TASKS[t].files()[0] for t in tasks[1:] if not (folder / TASKS[t].files()[0]).exists()]
+                if missing:
+                    raise ValueError(f"--setting cross-task reads each task's eval file from one folder "
+                                     f"(<task>_eval.json, MMEdit layout); {folder} lacks {', '.join(missing)}")
+        elif len(tasks) > 1:
+            raise ValueError(f"--task {self.task}: several tasks in one stream need --setting cross-task")
+        if self.setting == "one-step" and self.k != 1:
+            raise ValueError("--k is for --setting sequential, cross-task or lifelong (one-step edits one at a time)")
+        if self.setting == "lifelong":
+            if self.limit is not None and self.limit != self.k:
+                raise ValueError(f"--setting lifelong edits a stream of K = {self.k} cases; drop --limit "
+                                 f"({self.limit}) or make it K")
+            object.__setattr__(self, "checkpoints", parse_checkpoints(self.checkpoints or None, self.k))
+        elif self.checkpoints:
+            raise ValueError("--checkpoints is for --setting lifelong")
+        return self
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t in self.task.split("+") if t]
+
+    @property
+    def editor_task(self) -> str:
+        """The task whose editor weights and train split the editor gets (cross-task: the first)."""
+        return self.tasks[0]
 
 
 def _fingerprint(record) -> str:
@@ -90,13 +141,28 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     from mmke.data.bundled import default_benchmark_dir, ensure_benchmark
 
     bench = ensure_benchmark(default_benchmark_dir())
-    eval_f, train_f = TASKS[cfg.task].files()
+    eval_f, train_f = TASKS[cfg.editor_task].files()
     return cfg.model_copy(update={"data": str(bench / eval_f), "train_data": str(bench / train_f),
                                   "image_root": str(bench), "rephrase_image_root": None})
 
 
+def task_data(cfg: RunConfig) -> dict[str, str]:
+    """The eval file of each task of a (resolved) run: cross-task reads the first task's file and
+    the other tasks' ``<task>_eval.json`` beside it (the bundled benchmark's layout, and MMEdit's)."""
+    if len(cfg.tasks) == 1:
+        return {cfg.task: cfg.data}
+    if cfg.data is None:
+        raise ValueError("task_data needs a resolved configuration (resolve_data)")
+    folder = Path(cfg.data).parent
+    return {t: cfg.data if i == 0 else str(folder / TASKS[t].files()[0]) for i, t in enumerate(cfg.tasks)}
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 class Run:
-    """A resumable one-step run writing ``cases.jsonl`` and ``summary.json`` under ``out``."""
+    """A resumable run (any setting) writing ``cases.jsonl`` and ``summary.json`` under ``out``."""
 
     def __init__(self, cfg: RunConfig, out: str | Path, adapter=None) -> None:
         # validate names and method options first, and record the method's full option set
@@ -109,16 +175,35 @@ class Run:
         self._adapter = adapter
 
     # ---- pieces ----------------------------------------------------------------------
-    def load_records(self):
+    def load_records(self, task: str | None = None):
+        """(records of the sample in the seeded order, skipped) of one task's eval file."""
         from mmke.data.schema import load_records
 
-        res = load_records(self.cfg.data, self.cfg.image_root, self.cfg.rephrase_image_root,
+        data = task_data(self.cfg)[task or self.cfg.task]
+        res = load_records(data, self.cfg.image_root, self.cfg.rephrase_image_root,
                            skip_invalid=self.cfg.skip_invalid)
         order = list(range(len(res.records)))
         random.Random(self.cfg.seed).shuffle(order)
-        if self.cfg.limit is not None:
-            order = order[: self.cfg.limit]
-        return [res.records[i] for i in sorted(order)], res.skipped
+        n = self.cfg.k if self.cfg.setting == "lifelong" else self.cfg.limit
+        if n is not None:
+            if self.cfg.setting == "lifelong" and n > len(order):
+                raise ValueError(f"{data}: --setting lifelong --k {n} needs {n} cases; the file has {len(order)} "
+                                 "valid ones")
+            order = order[:n]
+        if self.cfg.setting == "one-step":
+            order = sorted(order)
+        return [res.records[i] for i in order], res.skipped
+
+    def stream(self) -> tuple[list[Case], int]:
+        """The run's cases in stream order (cross-task: the tasks interleaved) and the number of
+        skipped records."""
+        streams, skipped = [], 0
+        for t in self.cfg.tasks:
+            recs, sk = self.load_records(t)
+            skipped += len(sk)
+            prefix = f"{t}:" if len(self.cfg.tasks) > 1 else ""
+            streams.append([Case(f"{prefix}{r.index}-{_fingerprint(r)}", t, r) for r in recs])
+        return interleave(streams), skipped
 
     def adapter(self):
         if self._adapter is None:
@@ -128,7 +213,7 @@ class Run:
     def editor(self, adapter):
         cls = editor_class(self.cfg.method)
         config = cls.Config(**self.cfg.method_config)
-        context: dict[str, Any] = {"task": TASKS[self.cfg.task], "model_name": self.cfg.model}
+        context: dict[str, Any] = {"task": TASKS[self.cfg.editor_task], "model_name": self.cfg.model}
         if self.cfg.train_data and cls.uses_train_records(config):
             from mmke.data.schema import load_records
 
@@ -141,7 +226,8 @@ class Run:
         """What the numbers depend on besides the configuration (checked on resume)."""
         return {"versions": library_versions(), "model_digest": state_digest(adapter.model)[:16],
                 "editor_weights_digest": editor.weights_digest(),
-                "data_digest": file_digest(self.cfg.data), "train_data_digest": file_digest(self.cfg.train_data),
+                "data_digest": "+".join(file_digest(f) for f in task_data(self.cfg).values()),
+                "train_data_digest": file_digest(self.cfg.train_data),
                 "benchmark": benchmark_of(self.cfg.data)}
 
     def open(self, provenance: dict[str, Any]) -> CaseStore:
@@ -160,81 +246,194 @@ class Run:
         return CaseStore(self.out / "cases.jsonl")
 
     # ---- the protocol ----------------------------------------------------------------
-    def inputs(self, adapter, record) -> dict:
-        return case_inputs(record, TASKS[self.cfg.task], adapter.load_image, self.cfg.m_locality != "top1")
+    def inputs(self, adapter, case: Case) -> dict:
+        return case_inputs(case.record, TASKS[case.task], adapter.load_image, self.cfg.m_locality != "top1")
 
     @property
     def topk(self) -> int:
         return 10 if self.cfg.m_locality == "reference-top10" else 1
 
-    def pre_edit(self, adapter, pending: list[tuple[str, Any]]) -> dict[str, CaseOutputs]:
-        """Unedited outputs of every pending case, computed before any edit, one case per batch
-        (exactly as post-edit outputs are computed)."""
+    def pre_edit(self, adapter, cases: list[Case], label: str = "pre-edit outputs") -> dict[str, CaseOutputs]:
+        """Unedited outputs of ``cases``, one case per batch (exactly as post-edit outputs)."""
         pre: dict[str, CaseOutputs] = {}
         with progress() as bar:
-            task = bar.add_task("pre-edit outputs", total=len(pending))
-            for key, rec in pending:
-                pre[key] = run_case(adapter, self.inputs(adapter, rec), self.topk)
+            task = bar.add_task(label, total=len(cases))
+            for c in cases:
+                pre[c.key] = run_case(adapter, self.inputs(adapter, c), self.topk)
                 bar.update(task, advance=1)
         return pre
 
+    def _done(self, group: Group, store: CaseStore, n: int) -> bool:
+        keys = [s.case.key for s in group.scored(n)]
+        return all(self._row_key(group, n, k) in store for k in keys)
+
+    def _row_key(self, group: Group, n: int, key: str) -> str:
+        return f"cp{n}:{key}" if group.lifelong else key
+
     def execute(self) -> dict[str, Any]:
         t0 = time.time()
-        records, skipped = self.load_records()
-        if not records:
+        cases, n_skipped = self.stream()
+        if not cases:
             raise ValueError(f"{self.cfg.data}: no valid records to evaluate")
         adapter = self.adapter()
         editor = self.editor(adapter)
         store = self.open(self.provenance(adapter, editor))
-        keyed = [(f"{r.index}-{_fingerprint(r)}", r) for r in records]
-        pending = [(k, r) for k, r in keyed if k not in store]
-        if len(store):
-            log.info("resuming: %d of %d cases already done", len(keyed) - len(pending), len(keyed))
-        pre = self.pre_edit(adapter, pending)
-        ref = self.cfg.m_locality != "top1"
+        cfg = self.cfg
+        plan = groups(cfg.setting, cases, cfg.k, cfg.checkpoints, cfg.probes)
+        todo = [g for g in plan if not self._done(g, store, g.checkpoints[-1])]
+        if len(todo) < len(plan):
+            log.info("resuming: %d of %d groups already done", len(plan) - len(todo), len(plan))
+        # one-step checks its restores cheaply (hooks, transforms); longer groups by the weights' digest
+        self._strict, self._original = cfg.setting != "one-step", None
         with progress() as bar:
-            ptask = bar.add_task(f"{self.cfg.method} one-step edits", total=len(keyed),
-                                 completed=len(keyed) - len(pending))
-            for key, rec in pending:
-                x = self.inputs(adapter, rec)
-                torch.manual_seed(self.cfg.seed)
-                ts = time.perf_counter()
-                handle = editor.edit(EditRequest(x["reliability"], rec.to_dict()))
-                te = time.perf_counter()
-                post = run_case(adapter, x, self.topk)
-                tv = time.perf_counter()
-                handle.remove()
-                m, e = case_metrics(pre[key], post, ref)
-                store.add({"key": key, "index": rec.index, "metrics": m, "metrics_exact_match": e,
-                           "m_loc_hard": is_hard_m_loc(rec),
-                           "pre_edit": {k: pre[key][k].acc for k in EDIT_METRICS},
-                           "edit_s": te - ts, "eval_s": tv - te, "edit_meta": handle.meta})
-                bar.update(ptask, advance=1)
-        return self.summarise(store, {k for k, _ in keyed}, len(skipped), time.time() - t0)
+            unit = "one-step edits" if cfg.setting == "one-step" else f"{cfg.setting} edits (K = {cfg.k})"
+            ptask = bar.add_task(f"{cfg.method} {unit}", total=len(cases),
+                                 completed=sum(len(g.cases) for g in plan if g not in todo))
+            for g in todo:
+                self.run_group(adapter, editor, store, g, bar, ptask)
+                self.verify(adapter, self._original, g)
+        return self.summarise(store, plan, n_skipped, time.time() - t0)
 
-    def summarise(self, store: CaseStore, keys: set[str], n_skipped: int, elapsed: float) -> dict[str, Any]:
-        rows = [r for r in store.rows() if r["key"] in keys]  # only this run's cases
+    def run_group(self, adapter, editor, store: CaseStore, g: Group, bar, ptask) -> None:
+        """Unedited outputs, the group's edits one after another, scoring at its checkpoints,
+        then every edit removed. Scored rows are written once per checkpoint."""
+        cfg = self.cfg
+        pre = (self.pre_edit(adapter, g.needs_pre(), f"unedited outputs of group {g.index + 1}")
+               if g.lifelong else {c.key: run_case(adapter, self.inputs(adapter, c), self.topk) for c in g.cases})
+        if self._original is None:  # after a forward: a model may install its own hooks on first use
+            self._original = (state_digest(adapter.model) if self._strict else None, _hooks(adapter.model))
+        handles, edit_s, metas = [], {}, {}
+        try:
+            for i, c in enumerate(g.cases, 1):
+                x = self.inputs(adapter, c)
+                torch.manual_seed(cfg.seed)
+                ts = time.perf_counter()
+                h = editor.edit(EditRequest(x["reliability"], c.record.to_dict()))
+                edit_s[c.key] = time.perf_counter() - ts
+                metas[c.key] = h.meta
+                handles.append(h)
+                if g.lifelong:
+                    h.release()  # a stream is never undone edit by edit: keep no per-edit copies
+                    ekey = f"edit:{c.key}"
+                    if ekey not in store:
+                        store.add({"key": ekey, "index": i, "edit": i, "edit_s": edit_s[c.key], "edit_meta": h.meta})
+                bar.update(ptask, advance=1)
+                if i in g.checkpoints and not self._done(g, store, i):
+                    self.score(adapter, store, g, i, pre, edit_s, metas)
+        finally:
+            for h in reversed(handles):
+                if not h.released:
+                    h.remove()
+            WeightLedger.of(adapter).restore_all()
+
+    def score(self, adapter, store: CaseStore, g: Group, n: int, pre: dict[str, CaseOutputs],
+              edit_s: dict[str, float], metas: dict[str, Any]) -> None:
+        ref = self.cfg.m_locality != "top1"
+        scored = g.scored(n)
+        rows = []
+        with progress() as bar:
+            task = bar.add_task(f"scoring after {n} edits", total=len(scored)) if g.lifelong else None
+            for s in scored:
+                c = s.case
+                tv = time.perf_counter()
+                post = run_case(adapter, self.inputs(adapter, c), self.topk)
+                m, e = case_metrics(pre[c.key], post, ref)
+                row = {"key": self._row_key(g, n, c.key), "index": c.record.index, "task": c.task,
+                       "metrics": {k: m[k] for k in s.metrics}, "metrics_exact_match": {k: e[k] for k in s.metrics},
+                       "m_loc_hard": is_hard_m_loc(c.record) and "m_locality" in s.metrics,
+                       "pre_edit": {k: pre[c.key][k].acc for k in EDIT_METRICS},
+                       "eval_s": time.perf_counter() - tv}
+                if g.lifelong:
+                    row["checkpoint"] = n
+                else:
+                    row.update(group=g.index, edit_s=edit_s[c.key], edit_meta=metas[c.key])
+                rows.append(row)
+                if task is not None:
+                    bar.update(task, advance=1)
+        store.add_many(rows)
+
+    def verify(self, adapter, original: tuple[str | None, int], g: Group) -> None:
+        """After a group: the model must be the original one (no hook, transform or wrapper left;
+        with ``original[0]``, bit-identical weights)."""
+        left = []
+        if adapter.input_transforms or adapter.run_wrappers:
+            left.append(f"{len(adapter.input_transforms)} input transforms, {len(adapter.run_wrappers)} run wrappers")
+        if _hooks(adapter.model) != original[1]:
+            left.append(f"{_hooks(adapter.model) - original[1]} hooks")
+        if original[0] is not None and state_digest(adapter.model) != original[0]:
+            left.append("changed weights (digest differs)")
+        if left:
+            raise RuntimeError(f"{self.cfg.method}: after removing the edits of group {g.index + 1} the model is not "
+                               f"the original: {'; '.join(left)} — the editor's remove() is incomplete")
+
+    def summarise(self, store: CaseStore, plan: list[Group], n_skipped: int, elapsed: float) -> dict[str, Any]:
+        cfg = self.cfg
         run = json.loads((self.out / RUN_FILE).read_text())
-        summary = {
-            "model": self.cfg.model, "task": self.cfg.task, "method": self.cfg.method,
-            "setting": "one-step", "n_cases": len(rows), "n_skipped": n_skipped, "seed": self.cfg.seed,
-            **aggregate(rows, seed=self.cfg.seed),
-            "pre_edit_metrics": {k: statistics.fmean(r["pre_edit"][k] for r in rows) for k in EDIT_METRICS},
-            "timing": {"edit_s_median": statistics.median(r["edit_s"] for r in rows),
-                       "eval_s_median": statistics.median(r["eval_s"] for r in rows),
-                       "total_s": elapsed},  # wall time of the invocation that finished the run
-            "protocol": ("teacher-forced; edit metrics = token accuracy (exact match in metrics_exact_match); "
-                         f"locality = {'top-10 rank-by-rank (reference) for M-Loc, ' if self.cfg.m_locality != 'top1' else ''}"
-                         "top-1 agreement with pre-edit outputs at the target positions; "
-                         f"{HARD_M_LOCALITY} = M-Loc over the cases whose unrelated-image question is the "
-                         "edit's own; pre-edit outputs computed before any edit, one case per batch as "
-                         "post-edit; model restored after each edit; intervals: 95% percentile bootstrap "
-                         "over cases"),
-            "config": self.cfg.model_dump(),
+        summary: dict[str, Any] = {"model": cfg.model, "task": cfg.task, "method": cfg.method,
+                                   "setting": cfg.setting, "k": cfg.k}
+        if cfg.setting == "lifelong":
+            summary.update(self._lifelong_summary(store, plan[0]))
+        else:
+            keys = {c.key for g in plan for c in g.cases}
+            rows = [r for r in store.rows() if r["key"] in keys]  # only this run's cases
+            summary.update({"n_cases": len(rows), "n_groups": len(plan), **aggregate(rows, seed=cfg.seed),
+                            "pre_edit_metrics": {k: statistics.fmean(r["pre_edit"][k] for r in rows)
+                                                 for k in EDIT_METRICS},
+                            "timing": {"edit_s_median": statistics.median(r["edit_s"] for r in rows),
+                                       "eval_s_median": statistics.median(r["eval_s"] for r in rows),
+                                       "total_s": elapsed}})
+            if len(cfg.tasks) > 1:
+                per = {t: [r for r in rows if r.get("task") == t] for t in cfg.tasks}
+                summary["per_task"] = {t: {**aggregate(r, seed=cfg.seed), "n_cases": len(r)} for t, r in per.items()}
+        summary.update({
+            "n_skipped": n_skipped, "seed": cfg.seed,
+            "protocol": self.protocol(),
+            "config": cfg.model_dump(),
             "provenance": run["provenance"],
-        }
+        })
+        if cfg.setting == "lifelong":
+            summary["timing"]["total_s"] = elapsed
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+    def _lifelong_summary(self, store: CaseStore, g: Group) -> dict[str, Any]:
+        rows = store.done
+        edit_s = [rows[f"edit:{c.key}"]["edit_s"] for c in g.cases]
+        curve = []
+        for n in g.checkpoints:
+            cp = [rows[self._row_key(g, n, s.case.key)] for s in g.scored(n)]
+            agg = aggregate_partial(cp, seed=self.cfg.seed)
+            agg["n_edits"] = n
+            agg["edit_s_median"] = statistics.median(edit_s[max(0, n - 5):n])  # edits n-4..n
+            curve.append(agg)
+        last = curve[-1]
+        return {"n_cases": len(g.cases), "n_probes": len(g.probes), "checkpoints": list(g.checkpoints),
+                **{k: last[k] for k in ("metrics", "metrics_exact_match", "mean", "mean_exact_match",
+                                        "intervals", "n_hard_m_locality")},
+                "curve": curve,
+                "pre_edit_metrics": {k: statistics.fmean(rows[self._row_key(g, g.checkpoints[-1], c.key)]["pre_edit"][k]
+                                                         for c in g.cases) for k in EDIT_METRICS},
+                "timing": {"edit_s_median": statistics.median(edit_s), "edit_s_total": sum(edit_s)}}
+
+    def protocol(self) -> str:
+        cfg = self.cfg
+        setting = {
+            "one-step": "one-step: model restored after each edit",
+            "sequential": f"sequential: groups of K = {cfg.k} edits applied one after another, every case of "
+                          "a group scored after its K-th edit against outputs computed before the group; "
+                          "the group's edits removed and the weights checked bit-identical after each group",
+            "cross-task": f"cross-task: sequential groups of K = {cfg.k} over a stream interleaving "
+                          f"{' and '.join(cfg.tasks)} cases; metrics per task and overall",
+            "lifelong": f"lifelong: one stream of K = {cfg.k} edits; at each checkpoint reliability and "
+                        "generality over every edit so far (reliability = retention), locality over the "
+                        f"first {cfg.probes} cases' locality inputs against outputs computed before the stream",
+        }[cfg.setting]
+        return ("teacher-forced; edit metrics = token accuracy (exact match in metrics_exact_match); "
+                f"locality = {'top-10 rank-by-rank (reference) for M-Loc, ' if cfg.m_locality != 'top1' else ''}"
+                "top-1 agreement with pre-edit outputs at the target positions; "
+                f"{HARD_M_LOCALITY} = M-Loc over the cases whose unrelated-image question is the "
+                "edit's own; pre-edit outputs one case per batch as post-edit; "
+                f"{setting}; intervals: 95% percentile bootstrap over cases")
 
 
 def aggregate(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
@@ -258,6 +457,35 @@ def aggregate(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     return out
 
 
+def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int = 2000) -> dict[str, Any]:
+    """:func:`aggregate` for rows that hold some of the metrics each (a lifelong checkpoint: edit
+    metrics over the edits so far, locality over the probe set): every metric over the rows that
+    have it; the mean of the five metric means, its interval from resampling each metric's rows
+    independently (seeded)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    intervals: dict[str, Any] = {}
+    hard = [r for r in rows if r.get("m_loc_hard")]
+    for key in ("metrics", "metrics_exact_match"):
+        per_kind = {k: [r[key][k] for r in rows if k in r[key]] for k in METRICS}
+        ivs = {k: bootstrap_ci(v, seed=seed) for k, v in per_kind.items()}
+        if hard:
+            ivs[HARD_M_LOCALITY] = bootstrap_ci([r[key]["m_locality"] for r in hard], seed=seed)
+        rng = np.random.default_rng(seed)
+        draws = np.mean([np.asarray(v, float)[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
+                         for v in per_kind.values()], axis=0)
+        mean = statistics.fmean(ivs[k].mean for k in METRICS)
+        out[key] = {k: iv.mean for k, iv in ivs.items()}
+        out["mean" if key == "metrics" else "mean_exact_match"] = mean
+        intervals[key] = {k: [iv.lo, iv.hi] for k, iv in ivs.items()}
+        intervals[key]["mean"] = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
+    out["n"] = {k: len([r for r in rows if k in r["metrics"]]) for k in METRICS}
+    out["n_hard_m_locality"] = len(hard)
+    out["intervals"] = intervals
+    return out
+
+
 _PROVENANCE_WORDS = {"versions": "library versions", "model_digest": "the model's weights",
                      "editor_weights_digest": "the editor's trained weights", "data_digest": "the data file",
                      "train_data_digest": "the train file", "benchmark": "the benchmark build"}
@@ -268,6 +496,9 @@ def check_same_run(out: Path, old: dict[str, Any], mine: dict[str, Any]) -> None
     compared as JSON holds them (a tuple option reads back as a list)."""
     old, mine = json.loads(json.dumps(old)), json.loads(json.dumps(mine))
     oc, mc = old.get("config", {}), mine["config"]
+    # a run written before the settings existed was a one-step run
+    if oc and "setting" not in oc and "setting" in mc:
+        oc = {**oc, "setting": "one-step", "k": 1, "checkpoints": [], "probes": 100}
     if oc != mc:
         diff = sorted(k for k in set(oc) | set(mc) if oc.get(k) != mc.get(k))
         raise ValueError(f"{out} holds a run with a different configuration (differs in: "
@@ -294,4 +525,4 @@ def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     return Run(cfg, out).execute()
 
 
-__all__ = ["RunConfig", "Run", "run", "aggregate", "check_same_run"]
+__all__ = ["RunConfig", "Run", "run", "aggregate", "aggregate_partial", "check_same_run"]
