@@ -213,6 +213,21 @@ def report_cmd(
     console.print(f"wrote {out}")
 
 
+@app.command("plot")
+def plot_cmd(
+    dirs: List[Path] = typer.Argument(..., help="run directories (or parents of run directories)"),
+    out: Path = typer.Option(..., help="figure file (.png, .pdf or .svg)"),
+) -> None:
+    """Figures: metric-vs-edits curves of lifelong runs; grouped bars (with intervals) of the others."""
+    from mmke.eval.plot import plot
+    from mmke.eval.report import collect
+
+    with _user_errors():
+        files = plot(collect(dirs), out)
+    for f in files:
+        console.print(f"wrote {f}")
+
+
 @app.command("compare")
 def compare_cmd(
     run_a: Path = typer.Argument(..., help="run directory A"),

@@ -252,3 +252,20 @@ def test_lifelong_run_writes_its_curve_and_restores_the_model(toy, tmp_path, one
     assert again["curve"] == s["curve"]  # nothing left to do: the stored curve
     with pytest.raises(ValueError, match="needs 20 cases"):
         _run(data, tmp_path / "big", adapter, method="ft-lm", setting="lifelong", k=20)
+
+
+def test_plot_draws_lifelong_curves_and_bars(toy, tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from mmke.cli import app
+
+    data, _ = toy
+    adapter = tiny_llava(seed=0)
+    _run(data, tmp_path / "runs" / "ll", adapter, method="null", setting="lifelong", k=4, checkpoints=(1, 2), probes=2)
+    _run(data, tmp_path / "runs" / "seq", adapter, method="null", setting="sequential", k=2, limit=4)
+    r = CliRunner().invoke(app, ["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig.png")])
+    assert r.exit_code == 0, r.output
+    for f in ("fig.png", "fig-bars.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(app, ["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig.txt")])
+    assert r.exit_code == 2 and ".png, .pdf or .svg" in r.output
