@@ -110,14 +110,15 @@ CaseOutputs = dict[str, InputOutputs]
 
 @torch.no_grad()
 def run_case(adapter: ModelAdapter, inputs: dict[str, Example], topk: int = 1) -> CaseOutputs:
-    """The outputs of one case's five inputs: one batched forward in ``INPUT_KINDS`` order. The one
-    path for pre-edit and post-edit outputs alike."""
-    v = adapter.run([inputs[k] for k in INPUT_KINDS])
+    """The outputs of one case's five inputs (or those of them in ``inputs``): one batched forward
+    in ``INPUT_KINDS`` order. The one path for pre-edit and post-edit outputs alike."""
+    kinds = [k for k in INPUT_KINDS if k in inputs]
+    v = adapter.run([inputs[k] for k in kinds])
     acc, em = token_accuracy(v), exact_match(v)
     top1 = v.logits.argmax(-1)
     tk = v.logits.topk(topk, -1).indices if topk > 1 else None
     out: CaseOutputs = {}
-    for i, kind in enumerate(INPUT_KINDS):
+    for i, kind in enumerate(kinds):
         n = int(v.mask[i].sum())  # targets are left-aligned: keep their span only
         out[kind] = InputOutputs(acc[i].item(), em[i].item(), top1[i, :n].cpu(),
                                  tk[i, :n].cpu() if tk is not None else None)
@@ -126,11 +127,15 @@ def run_case(adapter: ModelAdapter, inputs: dict[str, Example], topk: int = 1) -
 
 def case_metrics(pre: CaseOutputs, post: CaseOutputs, reference_m_locality: bool = False
                  ) -> tuple[dict[str, float], dict[str, float]]:
-    """(token-level metrics, exact-match metrics) of one case from its pre- and post-edit outputs."""
+    """(token-level metrics, exact-match metrics) of one case from its pre- and post-edit outputs
+    (of the kinds ``post`` holds; locality needs the same kinds in ``pre``)."""
     m, e = {}, {}
     for kind in EDIT_METRICS:
-        m[kind], e[kind] = post[kind].acc, post[kind].em
+        if kind in post:
+            m[kind], e[kind] = post[kind].acc, post[kind].em
     for kind in LOCALITY_METRICS:
+        if kind not in post:
+            continue
         a, b = pre[kind], post[kind]
         if kind == "m_locality" and reference_m_locality:
             if a.topk is None or b.topk is None:

@@ -261,7 +261,11 @@ def test_plot_draws_lifelong_curves_and_bars(toy, tmp_path, one_thread):
 
     data, _ = toy
     adapter = tiny_llava(seed=0)
-    _run(data, tmp_path / "runs" / "ll", adapter, method="null", setting="lifelong", k=4, checkpoints=(1, 2), probes=2)
+    s = _run(data, tmp_path / "runs" / "ll", adapter, method="null", setting="lifelong", k=4, checkpoints=(1, 2),
+             probes=2)
+    # the protocol's own check, lifelong too: a null edit leaves locality exactly 1 at every checkpoint
+    assert all(p["metrics"]["t_locality"] == p["metrics"]["m_locality"] == 1.0 for p in s["curve"])
+    assert s["metrics"]["reliability"] == s["pre_edit_metrics"]["reliability"] or s["n_probes"] < s["n_cases"]
     _run(data, tmp_path / "runs" / "seq", adapter, method="null", setting="sequential", k=2, limit=4)
     r = CliRunner().invoke(app, ["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig.png")])
     assert r.exit_code == 0, r.output

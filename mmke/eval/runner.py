@@ -298,7 +298,7 @@ class Run:
         """Unedited outputs, the group's edits one after another, scoring at its checkpoints,
         then every edit removed. Scored rows are written once per checkpoint."""
         cfg = self.cfg
-        pre = (self.pre_edit(adapter, g.needs_pre(), f"unedited outputs of group {g.index + 1}")
+        pre = (self.pre_edit(adapter, g.probes, "unedited outputs of the locality probes")
                if g.lifelong else {c.key: run_case(adapter, self.inputs(adapter, c), self.topk) for c in g.cases})
         if self._original is None:  # after a forward: a model may install its own hooks on first use
             self._original = (state_digest(adapter.model) if self._strict else None, _hooks(adapter.model))
@@ -336,13 +336,17 @@ class Run:
             for s in scored:
                 c = s.case
                 tv = time.perf_counter()
-                post = run_case(adapter, self.inputs(adapter, c), self.topk)
-                m, e = case_metrics(pre[c.key], post, ref)
+                x = self.inputs(adapter, c)
+                if c.key not in pre:  # a lifelong edit that is no probe: its edit inputs only
+                    x = {k: x[k] for k in EDIT_METRICS}
+                post = run_case(adapter, x, self.topk)  # the same batch as its unedited outputs
+                m, e = case_metrics(pre.get(c.key, {}), post, ref)
                 row = {"key": self._row_key(g, n, c.key), "index": c.record.index, "task": c.task,
                        "metrics": {k: m[k] for k in s.metrics}, "metrics_exact_match": {k: e[k] for k in s.metrics},
                        "m_loc_hard": is_hard_m_loc(c.record) and "m_locality" in s.metrics,
-                       "pre_edit": {k: pre[c.key][k].acc for k in EDIT_METRICS},
                        "eval_s": time.perf_counter() - tv}
+                if c.key in pre:
+                    row["pre_edit"] = {k: pre[c.key][k].acc for k in EDIT_METRICS}
                 if g.lifelong:
                     row["checkpoint"] = n
                 else:
@@ -411,8 +415,9 @@ class Run:
                 **{k: last[k] for k in ("metrics", "metrics_exact_match", "mean", "mean_exact_match",
                                         "intervals", "n_hard_m_locality")},
                 "curve": curve,
+                # unedited outputs are computed for the probes only (locality needs them)
                 "pre_edit_metrics": {k: statistics.fmean(rows[self._row_key(g, g.checkpoints[-1], c.key)]["pre_edit"][k]
-                                                         for c in g.cases) for k in EDIT_METRICS},
+                                                         for c in g.probes) for k in EDIT_METRICS},
                 "timing": {"edit_s_median": statistics.median(edit_s), "edit_s_total": sum(edit_s)}}
 
     def protocol(self) -> str:

@@ -62,13 +62,6 @@ class Group:
             out[c.key] = Scored(c, METRICS if both else LOCALITY_METRICS)
         return list(out.values())
 
-    def needs_pre(self) -> list[Case]:
-        """The cases whose unedited outputs scoring compares against (and reports)."""
-        seen = {c.key: c for c in self.cases}
-        for c in self.probes:
-            seen.setdefault(c.key, c)
-        return list(seen.values())
-
 
 def interleave(streams: Sequence[Sequence[Case]]) -> list[Case]:
     """a1, b1, a2, b2, ... (a longer stream's tail last)."""
