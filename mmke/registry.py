@@ -39,6 +39,10 @@ METHODS: dict[str, Entry] = {e.name: e for e in [
           "trained text-only scope classifier + counterfactual model answering in-scope inputs with the edit in view"),
     Entry("serac-mm", "mmke.editors.serac:SERACMMEditor",
           "SERAC with mmke's image-aware scope classifier: the edit's question about another image is out of scope"),
+    Entry("grace", "mmke.editors.grace:GraceEditor",
+          "GRACE: a shared codebook of keys and values with deferral radii at one late LM FFN value projection"),
+    Entry("wise", "mmke.editors.wise:WiseEditor",
+          "WISE: a routed side memory of one late LM FFN value matrix, trained in masked shards, TIES-merged"),
     Entry("unike", "mmke.editors.unike:UniKEEditor",
           "UniKE (the paper): new FFN neurons + latent IKE at the self-attention output, collaborating "
           "through semantic/truthfulness encoders"),

@@ -1,0 +1,190 @@
+"""GRACE and WISE on tiny random models: edits land, unrelated inputs pass, any removal order
+restores exactly, saved edits reload; and a few real edits on the bundled model."""
+
+import itertools
+
+import pytest
+import torch
+from PIL import Image
+
+from mmke.data.schema import EditRecord
+from mmke.editors.base import EditRequest
+from mmke.editors.grace import GraceConfig, GraceEditor
+from mmke.editors.wise import WiseConfig, WiseEditor, ties_merge
+from mmke.models.base import Example, state_digest, target_nll
+from mmke.models.tiny import tiny_blip2, tiny_llava
+from mmke.registry import METHODS, editor_class
+from mmke.tasks import TASKS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMG = Image.new("RGB", (32, 32), (0, 128, 128))
+EDITS = [Example("what color is the shape?", " red", IMG),
+         Example("what shape is present?", " circle", Image.new("RGB", (32, 32), (200, 10, 10))),
+         Example("nq question: who wrote hamlet?", " dickens", None)]
+OTHER = Example("nq question: what is the capital of france?", " paris", None)
+WISE_FAST = dict(layer=-1, alpha=0.5, beta=2.0, gamma=1.0, n_iter=40)
+
+
+def _logits(adapter, exs):
+    with torch.no_grad():
+        return adapter.run(exs).logits
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    out = []
+    for i, (c, rgb) in enumerate({"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}.items()):
+        Image.new("RGB", (32, 32), rgb).save(root / f"{c}.png")
+        out.append(EditRecord(src=f"nq question: what is the capital of country {i}?", alt="madrid", rephrase="a circle?",
+                              image=f"{c}.png", image_rephrase=f"{c}.png", loc="nq question: x?", loc_ans="y",
+                              m_loc=f"{c}.png", m_loc_q="what color?", m_loc_a=c, index=i,
+                              image_path=root / f"{c}.png", image_rephrase_path=root / f"{c}.png",
+                              m_loc_path=root / f"{c}.png"))
+    return out
+
+
+def _editors(records):
+    return {"grace": lambda a: GraceEditor(a, GraceConfig(layer=-1, eps_init=1.0)),
+            "wise": lambda a: WiseEditor(a, WiseConfig(**WISE_FAST), task=TASKS["vqa"], train_records=records)}
+
+
+def test_registered_and_options():
+    assert editor_class("grace") is GraceEditor and editor_class("wise") is WiseEditor
+    assert "grace" in METHODS and "wise" in METHODS
+    assert not GraceEditor.uses_train_records(GraceConfig())
+    assert WiseEditor.uses_train_records(WiseConfig())
+    assert all(doc for _k, _d, doc in GraceConfig.option_docs())
+    assert all(doc for _k, _d, doc in WiseConfig.option_docs())
+    with pytest.raises(ValueError, match="layer 7 does not exist"):
+        GraceEditor(tiny_llava(), GraceConfig(layer=7))
+    with pytest.raises(ValueError, match="layer -3 does not exist"):
+        WiseEditor(tiny_llava(), WiseConfig(layer=-3))
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+@pytest.mark.parametrize("build", [tiny_llava, tiny_blip2])
+def test_edit_lands_locality_and_reload(method, build, records, tmp_path):
+    adapter = build()
+    ex = EDITS[0]
+    before = _logits(adapter, [ex, OTHER])
+    nll0 = target_nll(adapter.run([ex])).item()
+    ed = _editors(records)[method](adapter)
+    h = ed.edit(EditRequest(ex))
+    with torch.no_grad():
+        v = adapter.run([ex])
+    edited = _logits(adapter, [ex, OTHER])
+    assert target_nll(v).item() < nll0 - 1.0
+    # (top-1 on every token is not asserted: " red" is two tokens on these random models, and
+    # GRACE's one value vector, or WISE's routing margins, need not fit both; see the slow test)
+    if method == "grace":  # outside every radius: the unrelated input passes through, bit for bit
+        assert torch.equal(edited[1], before[1])
+    # WISE routes by a learnt score; on these random models its margins are not always met (caveat)
+    h.save(tmp_path / "e")
+    h.remove()
+    assert torch.equal(_logits(adapter, [ex, OTHER]), before)
+    h2 = _editors(records)[method](adapter).load(tmp_path / "e")
+    assert torch.equal(_logits(adapter, [ex, OTHER]), edited)
+    h2.remove()
+    assert torch.equal(_logits(adapter, [ex, OTHER]), before) and "prepare" not in adapter.__dict__
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_three_edits_removed_in_every_order(method, records):
+    adapter = tiny_llava()
+    exs = EDITS + [OTHER]
+    before, digest = _logits(adapter, exs), state_digest(adapter.model)
+    make = _editors(records)[method]
+    if method == "wise":  # shards of two edits: the third edit's shard sits beside a TIES-merged one
+        make = lambda a: WiseEditor(a, WiseConfig(**WISE_FAST, save_freq=2), task=TASKS["vqa"],
+                                    train_records=records)
+    ed = make(adapter)
+    handles = [ed.edit(EditRequest(e)) for e in EDITS]
+    all_three = _logits(adapter, exs)
+    assert not torch.equal(all_three, before)
+    saved = [h.tensors for h in handles]
+    left_of: dict[frozenset, torch.Tensor] = {}
+    for order in itertools.permutations(range(3)):
+        for i in order:
+            handles[i].remove()
+            survivors = frozenset(set(range(3)) - set(order[: order.index(i) + 1]))
+            now = _logits(adapter, exs)
+            # the state after a removal depends only on which edits survive, not on the order
+            assert torch.equal(left_of.setdefault(survivors, now), now)
+        assert torch.equal(_logits(adapter, exs), before)
+        assert state_digest(adapter.model) == digest and "prepare" not in adapter.__dict__
+        handles = [ed.load(_save(h, n)) for n, h in enumerate(handles)]  # re-apply the same three
+        assert [h.tensors.keys() for h in handles] == [s.keys() for s in saved]
+        assert torch.equal(_logits(adapter, exs), all_three)
+    for h in handles:
+        h.remove()
+
+
+_TMP = {}
+
+
+def _save(h, n):
+    import tempfile
+    from pathlib import Path
+
+    d = Path(_TMP.setdefault("d", tempfile.mkdtemp())) / f"{id(h)}-{n}"
+    h.save(d)
+    return d
+
+
+def test_grace_codebook_split_and_expand():
+    adapter = tiny_llava()
+    ed = GraceEditor(adapter, GraceConfig(layer=-1, eps_init=1e6, n_iter=5))
+    h1 = ed.edit(EditRequest(EDITS[0]))
+    h2 = ed.edit(EditRequest(Example("what colour is the shape?", " red", IMG)))  # same label: expand
+    h3 = ed.edit(EditRequest(EDITS[1]))  # another label nearby: split
+    book = ed.books[ed.layer]
+    assert (h1.meta["op"], h2.meta["op"], h3.meta["op"]) == ("new", "expand", "split")
+    assert len(book.labels) == 2 and float(book.eps[1]) == pytest.approx(h3.meta["dist"] / 2)
+    h1.remove()  # the survivors are replayed: h2 now owns its own key
+    assert book.labels == [" red", " circle"]
+    h2.remove()
+    h3.remove()
+    assert not book.records and book._hook is None
+
+
+def test_ties_merge():
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, -2.0, 0.0, 0.1]), torch.tensor([3.0, 2.0, 1.0, 0.0])
+    m = ties_merge(base, [a, b], density=0.75, scale=1.0)
+    # a keeps 1, -2, 0.1 and b keeps 3, 2, 1; signs elected: +, 0 (tie -> 0), +, +
+    assert torch.allclose(m, torch.tensor([2.0, 0.0, 1.0, 0.1]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_real_edits_on_the_default_model(method, default_adapter):
+    from mmke.data.bundled import default_benchmark_dir, ensure_benchmark
+    from mmke.data.schema import load_records
+
+    bench = ensure_benchmark(default_benchmark_dir())
+    task = TASKS["vqa"]
+    recs = load_records(bench / "vqa_eval.json", bench).records[:4]
+    train = load_records(bench / "vqa_train.json", bench, check_images=False).records[:64]
+    ed = (GraceEditor(default_adapter) if method == "grace"
+          else WiseEditor(default_adapter, task=task, train_records=train))
+    digest = state_digest(default_adapter.model)
+    exs = [Example(task.prompt(r.src), " " + r.alt.strip(), default_adapter.load_image(r.image_path)) for r in recs]
+    def lands(e) -> bool:
+        with torch.no_grad():
+            v = default_adapter.run([e])
+        return bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+
+    ok = 0
+    for e in exs:  # one edit at a time (one-step)
+        h = ed.edit(EditRequest(e))
+        ok += lands(e)
+        h.remove()
+    assert ok >= 3 and state_digest(default_adapter.model) == digest
+    if method == "grace":  # GRACE keeps every edit of a stream: all four hold together
+        handles = [ed.edit(EditRequest(e)) for e in exs]
+        assert sum(lands(e) for e in exs) >= 3
+        for h in reversed(handles):
+            h.remove()
+        assert state_digest(default_adapter.model) == digest
