@@ -5,15 +5,34 @@ without touching the original weights:
 
     FFN_edit(q) = FFN(q) + Act(q K + b) V          K: [H, n]  b: [n]  V: [n, H]
 
-It is installed with two hooks on one LM layer: a forward pre-hook on the FFN key projection
-captures q (the FFN input), a forward hook on the value projection adds the patch to the FFN
-output. This works for every family whose keys and values are Linear layers (Llama: up/down,
-OPT: fc1/fc2). Removing the hooks restores the model exactly: no parameter was changed.
+Two ways to install patches, both with two hooks on one LM layer (a forward pre-hook on the FFN
+key projection captures q, the FFN input; a forward hook on the value projection adds the
+neurons' output to the FFN output), for every family whose keys and values are Linear layers
+(Llama: up/down, OPT: fc1/fc2):
+
+- :class:`PatchHooks`: hooks of their own per patch: the patch being trained;
+- :class:`NeuronBank`: the installed (frozen) edits. One bank per (adapter, layer), found or made
+  by :func:`neuron_bank`, holds every installed edit's neurons packed in one key-value block, with
+  **one** pre-hook and **one** hook however many edits it holds: ``add(owner, patch)`` appends an
+  edit's neurons, ``remove(owner)`` takes exactly those out (any order). With one edit the bank
+  runs that edit's own patch (bit for bit what its own hooks computed); with several, the packed
+  block. An emptied bank removes its hooks and leaves the registry: the model is exactly the
+  unedited one, no parameter was ever changed.
+
+The packed block folds each edit's input centring and scaling (UniKE's ``mu`` and ``gamma``) and
+its zeta offset into per-neuron keys, biases and values,
+
+    Act_n(((q - mu_e) * gamma_e) K_n + b_n) (V_n + zeta_e) = Act_n(q (gamma_e K_n) + b'_n) V'_n,
+
+so the sum over edits is one matmul for the ungated neurons. Neurons gated on their edit's image
+(unike-plus, :class:`~mmke.editors.unike.intrinsic.EditPatch`) are computed row by row, each row
+over only the edits whose image gate is open for it (cheap: per-edit cosines of the row's image
+signature): most edits are silent on most inputs, and their neurons cost nothing there.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +59,16 @@ class FFNPatch(nn.Module):
         ``image_mask`` [B, T] (the image-token positions) is for patches that look at the image."""
         return self.act(q @ self.key.to(q.dtype) + self.bias.to(q.dtype)) @ self.value.to(q.dtype)
 
+    def packed(self) -> dict[str, Any]:
+        """This patch in the bank's per-neuron form (see :class:`NeuronBank`): keys, biases and values
+        with any centring, scaling and offset folded in, the activation and the image gate."""
+        return {"key": self.key.detach(), "bias": self.bias.detach(), "value": self.value.detach(),
+                "act": self.act, "gate": None}
+
 
 class PatchHooks:
-    """Install FFN patches on LM layers of an adapter; ``remove()`` takes them all out."""
+    """Install FFN patches on LM layers of an adapter with hooks of their own (a patch being
+    trained); ``remove()`` takes them all out."""
 
     def __init__(self, adapter: ModelAdapter, patches: dict[int, FFNPatch]) -> None:
         self.patches = patches
@@ -65,6 +91,250 @@ class PatchHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+# ---- the packed bank of installed edits ---------------------------------------------------------
+class _Grow:
+    """An append-only tensor along dim 0 with doubling capacity (amortised O(new) appends)."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+        self.n = 0
+
+    def append(self, t: torch.Tensor) -> None:
+        if self.buf is None:
+            self.buf = torch.empty((max(len(t), 8), *t.shape[1:]), dtype=t.dtype, device=t.device)
+        elif self.n + len(t) > len(self.buf):
+            new = torch.empty((max(2 * len(self.buf), self.n + len(t)), *t.shape[1:]), dtype=t.dtype,
+                              device=t.device)
+            new[: self.n] = self.buf[: self.n]
+            self.buf = new
+        self.buf[self.n: self.n + len(t)] = t
+        self.n += len(t)
+
+    def get(self) -> torch.Tensor:
+        return self.buf[: self.n]
+
+
+class _Group:
+    """Packed neurons of one kind (ungated, or image-gated): keys stored transposed [N, H]."""
+
+    def __init__(self) -> None:
+        self.key_t, self.bias, self.value, self.act, self.edit = _Grow(), _Grow(), _Grow(), _Grow(), _Grow()
+        # gated: per edit (gate column) the unit image key, its centre and the ramp
+        self.img_key, self.img_center, self.lo, self.hi = _Grow(), _Grow(), _Grow(), _Grow()
+        self.n_edits = 0
+        self.same_center = True
+
+    @property
+    def size(self) -> int:
+        return self.bias.n
+
+
+class NeuronBank:
+    """Every installed edit's neurons of one LM layer, packed; one pre-hook + one hook in all."""
+
+    def __init__(self, adapter: ModelAdapter, layer: int) -> None:
+        self.adapter, self.layer = adapter, layer
+        self.entries: dict[Hashable, FFNPatch] = {}  # owner -> its (frozen) patch, in insertion order
+        self._slices: dict[Hashable, slice] = {}
+        self._handles: list = []
+        self._box: dict[str, torch.Tensor] = {}
+        self._acts: list[Callable] = []  # activation functions (codes index this list)
+        self._reset_packed()
+        #: [B, E_gated] the image gates of the last packed forward (column per gated edit)
+        self.last_gates: torch.Tensor | None = None
+        self._gate_col: dict[Hashable, int] = {}
+
+    # ---- membership ----------------------------------------------------------------------
+    def _reset_packed(self) -> None:
+        self._ungated, self._gated = _Group(), _Group()
+        self._gate_col = {}
+        self._n = 0
+        self.version = getattr(self, "version", 0) + 1  # changes with the bank's contents
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_neurons(self) -> int:
+        return self._n
+
+    def add(self, owner: Hashable, patch: FFNPatch) -> slice:
+        """Install ``patch`` (frozen) as the neurons of edit ``owner``; returns its neurons' slice."""
+        if owner in self.entries:
+            raise KeyError(f"edit {owner!r} is already in the bank of layer {self.layer}")
+        patch.requires_grad_(False)
+        self.entries[owner] = patch
+        sl = self._pack(owner, patch)
+        if not self._handles:
+            key = self.adapter.site(f"lm.ffn_key.{self.layer}")
+            value = self.adapter.site(f"lm.ffn_value.{self.layer}")
+            self._handles = [key.register_forward_pre_hook(self._capture), value.register_forward_hook(self._add)]
+        return sl
+
+    def remove(self, owner: Hashable) -> None:
+        """Take edit ``owner``'s neurons out; the last one out removes the hooks (and the bank)."""
+        if owner not in self.entries:
+            return
+        del self.entries[owner]
+        self._reset_packed()
+        for o, p in self.entries.items():  # the layout the remaining edits would have on their own
+            self._pack(o, p)
+        if not self.entries:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            self.last_gates = None
+            banks = getattr(self.adapter, "_neuron_banks", {})
+            if banks.get(self.layer) is self:
+                del banks[self.layer]
+
+    def _act_code(self, fn: Callable) -> int:
+        for i, f in enumerate(self._acts):
+            if f is fn:
+                return i
+        self._acts.append(fn)
+        return len(self._acts) - 1
+
+    @torch.no_grad()
+    def _pack(self, owner: Hashable, patch: FFNPatch) -> slice:
+        d = patch.packed()
+        n = int(d["bias"].shape[0])
+        gate = d["gate"]
+        grp = self._gated if gate is not None else self._ungated
+        grp.key_t.append(d["key"].t().float())
+        grp.bias.append(d["bias"].float())
+        grp.value.append(d["value"].float())
+        grp.act.append(torch.full((n,), self._act_code(d["act"]), dtype=torch.long, device=d["bias"].device))
+        grp.edit.append(torch.full((n,), grp.n_edits, dtype=torch.long, device=d["bias"].device))
+        if gate is not None:
+            key, center, (lo, hi) = gate
+            if grp.n_edits and not torch.equal(grp.img_center.buf[0], center.float()):
+                grp.same_center = False
+            grp.img_key.append(key.float()[None])
+            grp.img_center.append(center.float()[None])
+            grp.lo.append(torch.tensor([float(lo)], device=key.device))
+            grp.hi.append(torch.tensor([float(hi)], device=key.device))
+            self._gate_col[owner] = grp.n_edits
+        grp.n_edits += 1
+        sl = slice(self._n, self._n + n)
+        self._slices[owner] = sl
+        self._n += n
+        self.version += 1
+        return sl
+
+    # ---- the hooks -----------------------------------------------------------------------
+    def _capture(self, _mod, args) -> None:
+        self._box["q"] = args[0]
+
+    def _add(self, _mod, _args, out):
+        q = self._box.pop("q")
+        return out + self(q, self.adapter.current_image_mask).to(out.dtype)
+
+    def __call__(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All the bank's neurons' addition to the FFN output for FFN inputs q [B, T, H] (or [B*T, H])."""
+        if len(self.entries) == 1:  # one edit: its own patch, exactly as its own hooks ran it
+            return next(iter(self.entries.values()))(q, image_mask)
+        return self.packed_forward(q, image_mask)
+
+    def gate_of(self, owner: Hashable) -> torch.Tensor | None:
+        """Edit ``owner``'s image gate [B] in the last forward (None: an ungated edit)."""
+        if len(self.entries) == 1:
+            return getattr(self.entries[owner], "last_gate", None)
+        col = self._gate_col.get(owner)
+        return None if col is None or self.last_gates is None else self.last_gates[:, col]
+
+    def gate_columns(self, owners: list[Hashable]) -> torch.Tensor:
+        """Gate columns of ``owners`` (-1: ungated) for :attr:`last_gates`."""
+        return torch.tensor([self._gate_col.get(o, -1) for o in owners], dtype=torch.long)
+
+    def _act(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        if len(self._acts) == 1:
+            return self._acts[0](z)
+        a = torch.empty_like(z)
+        for i, fn in enumerate(self._acts):
+            m = codes == i
+            if bool(m.any()):
+                cols = m.nonzero()[:, 0]
+                a[..., cols] = fn(z[..., cols])
+        return a
+
+    def _image_gates(self, q: torch.Tensor, image_mask: torch.Tensor | None, B: int) -> torch.Tensor:
+        g = self._gated
+        E = g.n_edits
+        if image_mask is None:
+            return q.new_zeros((B, E), dtype=torch.float32)
+        x = q.reshape(*image_mask.shape, -1).float()
+        m = image_mask.to(x.device, x.dtype)[..., None]
+        n = m.sum(1)  # [B, 1]
+        sig = (x * m).sum(1) / n.clamp(min=1)  # [B, H]
+        keys, centers = g.img_key.get(), g.img_center.get()
+        if g.same_center:
+            d = sig - centers[0]
+            cos = (d @ keys.t()) / (d.norm(dim=-1, keepdim=True) * keys.norm(dim=-1)[None]).clamp(min=1e-8)
+        else:  # |sig - c|^2 = |sig|^2 - 2 sig.c + |c|^2
+            num = sig @ keys.t() - (centers * keys).sum(-1)[None]
+            d2 = (sig.pow(2).sum(-1, keepdim=True) - 2 * sig @ centers.t() + centers.pow(2).sum(-1)[None]).clamp(min=0)
+            cos = num / (d2.sqrt() * keys.norm(dim=-1)[None]).clamp(min=1e-8)
+        lo, hi = g.lo.get(), g.hi.get()
+        return ((cos - lo) / (hi - lo)).clamp(0, 1) * (n > 0)
+
+    def packed_forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.zeros_like(q)
+        u = self._ungated
+        if u.size:
+            z = q @ u.key_t.get().t().to(q.dtype) + u.bias.get().to(q.dtype)
+            out = out + self._act(z, u.act.get()) @ u.value.get().to(q.dtype)
+        g = self._gated
+        if not g.size:
+            self.last_gates = None
+            return out
+        B = image_mask.shape[0] if image_mask is not None else (q.shape[0] if q.dim() == 3 else 1)
+        G = self._image_gates(q, image_mask, B)  # [B, E_gated]
+        self.last_gates = G
+        open_ = G > 0
+        if not bool(open_.any()):
+            return out
+        x = q.reshape(B, -1, q.shape[-1])
+        K, b, V, acts, edit = g.key_t.get(), g.bias.get(), g.value.get(), g.act.get(), g.edit.get()
+        rows = []
+        for r in range(B):
+            cols = open_[r][edit].nonzero()[:, 0]
+            if len(cols) == 0:
+                rows.append(torch.zeros_like(x[r]))
+                continue
+            z = x[r] @ K[cols].t().to(q.dtype) + b[cols].to(q.dtype)  # [T, n_open]
+            a = self._act(z, acts[cols]) * G[r, edit[cols]].to(q.dtype)
+            rows.append(a @ V[cols].to(q.dtype))
+        return out + torch.stack(rows).reshape(q.shape)
+
+    def remove_all(self) -> None:
+        for o in list(self.entries):
+            self.remove(o)
+
+
+def neuron_bank(adapter: ModelAdapter, layer: int) -> NeuronBank:
+    """The bank of installed neurons of ``layer`` (made on first use; registered on the adapter)."""
+    banks = adapter.__dict__.setdefault("_neuron_banks", {})
+    if layer not in banks:
+        banks[layer] = NeuronBank(adapter, layer)
+    return banks[layer]
+
+
+class BankedPatches:
+    """An edit's frozen patches moved into the layers' banks; ``remove()`` takes them out."""
+
+    def __init__(self, adapter: ModelAdapter, patches: dict[int, FFNPatch], owner: Hashable | None = None) -> None:
+        self.owner = owner if owner is not None else object()
+        self.patches = patches
+        self.banks = {l: neuron_bank(adapter, l) for l in patches}
+        self.slices = {l: self.banks[l].add(self.owner, p) for l, p in patches.items()}
+
+    def remove(self) -> None:
+        for b in self.banks.values():
+            b.remove(self.owner)
+        self.banks = {}
 
 
 def ffn_input_dim(adapter: ModelAdapter, layer: int) -> int:

@@ -25,7 +25,9 @@ Per edit (paper §3; reference code ZeroYuHuang/Transformer-Patcher, ``src/model
 
 The FFN input of the patched layer does not depend on the patch, so the memory's inputs are
 computed once, and each step runs only the patched layer onwards (:mod:`mmke.editors.tail`).
-Sequential edits accumulate: each edit's neurons are separate hooks.
+Sequential edits accumulate: each edit trains beside the earlier ones (on the already-edited model),
+then its frozen neurons join the layer's packed bank (:class:`~mmke.editors.patch.NeuronBank`: one
+key-value block and two hooks for all edits; removing an edit takes exactly its neurons out).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, read_saved_edit
-from mmke.editors.patch import FFNPatch, PatchHooks, ffn_input_dim
+from mmke.editors.patch import BankedPatches, FFNPatch, PatchHooks, ffn_input_dim
 from mmke.editors.tail import TailRunner
 from mmke.models.base import Example, target_nll, target_positions
 
@@ -189,9 +191,9 @@ class TPatcherEditor(Editor):
         finally:
             hooks.remove()
         final = patch.frozen()
-        hooks = PatchHooks(self.adapter, {self.layer: final})
+        banked = BankedPatches(self.adapter, {self.layer: final})
         tensors = {"key": final.key.data, "bias": final.bias.data, "value": final.value.data}
-        return EditHandle(self.adapter, self.name, undo=hooks.remove, tensors=tensors,
+        return EditHandle(self.adapter, self.name, undo=banked.remove, tensors=tensors,
                           meta={"layer": self.layer, "neurons": n, "positions": err.tolist(), "steps": steps,
                                 "fixed": fixed})
 
@@ -207,5 +209,5 @@ class TPatcherEditor(Editor):
             patch.bias.copy_(t["bias"])
             patch.value.copy_(t["value"])
         patch.requires_grad_(False)
-        hooks = PatchHooks(self.adapter, {int(meta["layer"]): patch})
-        return EditHandle(self.adapter, self.name, undo=hooks.remove, tensors=t, meta=meta)
+        banked = BankedPatches(self.adapter, {int(meta["layer"]): patch})
+        return EditHandle(self.adapter, self.name, undo=banked.remove, tensors=t, meta=meta)

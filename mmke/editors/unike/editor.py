@@ -31,7 +31,11 @@ One edit, in order:
 3. intrinsic knowledge: n_e new neurons per edited FFN (:mod:`~mmke.editors.unike.intrinsic`),
    their values offset by beta * W_zeta zeta (the truthfulness direction of the retrieved
    knowledge), trained on the edit with the external knowledge in place, running only the last
-   L layers per step.
+   L layers per step;
+4. the trained (frozen) neurons move into each layer's packed :class:`~mmke.editors.patch.NeuronBank`;
+   the latent knowledge lives in each layer's :class:`~mmke.editors.unike.memory.LatentBank`: however
+   many edits are applied, an edited layer holds one FFN pre-hook, one FFN hook and one latent-IKE
+   hook, and later edits train beside them, on the already-edited model.
 
 The variants are this editor with other defaults: ``unike-intrinsic``, ``unike-latent``,
 ``unike-intrinsic-ike``, ``unike-no-collab``. Every variant shares the ``unike`` weights directory
@@ -52,12 +56,12 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from mmke.editors.base import EditHandle, EditRequest, read_saved_edit
-from mmke.editors.patch import PatchHooks
+from mmke.editors.patch import BankedPatches, PatchHooks
 from mmke.editors.trained import TrainedEditor, TrainedEditorConfig, bundled_weights_dir
 from mmke.editors.unike.encoders import UniKEEncoders
 from mmke.editors.unike.intrinsic import (EditPatch, LocalityMemory, ffn_inputs_at_targets, record_ffn_inputs,
                                           shrink_values, train_patches)
-from mmke.editors.unike.memory import LatentMemory, LatentShift, site_outputs
+from mmke.editors.unike.memory import BankGate, LatentMemory, LatentShift, site_outputs
 from mmke.editors.tail import TailRunner
 from mmke.models.base import target_positions
 from mmke.scoring import case_inputs
@@ -285,14 +289,18 @@ class UniKEEditor(TrainedEditor):
                 meta["memory"] = self.memory.digest()
             patches: dict[int, EditPatch] = {}
             q_base = None
+            latent = train_hooks = None
             if cfg.intrinsic:
+                # the patches train beside the banks of the earlier edits (hooks of their own)
                 patches = {l: EditPatch(self.ffn_width(l), cfg.n_neurons, seed=cfg.seed + l, act=act)
                            .to(self.adapter.device) for l in self.layers}
-                undo.append(PatchHooks(self.adapter, patches).remove)
+                train_hooks = PatchHooks(self.adapter, patches)
+                undo.append(train_hooks.remove)
                 if cfg.external == "latent" and whiten is None:  # trained keys start from the shift
                     q_base = record_ffn_inputs(self.runner, cache, patches)  # before the shift
             if cfg.external == "latent":
-                undo.append(self._install_latent(tensors, patches).remove)
+                latent = self._install_latent(tensors, self._gates(patches))
+                undo.append(latent.remove)
             if cfg.intrinsic:
                 if cfg.zeta != "none":
                     self._set_offsets(patches, retrieved)
@@ -313,6 +321,12 @@ class UniKEEditor(TrainedEditor):
                     tensors.update({f"patch.{l}.{k}": v.detach().cpu() for k, v in p.state().items()})
                 meta.update(steps=steps, final_nll=round(nll, 4),
                             image_gate=bool(next(iter(patches.values())).gated) if patches else False)
+                # trained: the frozen neurons move into the layers' packed banks
+                train_hooks.remove()
+                banked = BankedPatches(self.adapter, patches)
+                undo.append(banked.remove)
+                if latent is not None and self._gates(patches) is not None:
+                    latent.set_gates(self._gates(patches, banked))
         except BaseException:
             for fn in reversed(undo):
                 fn()
@@ -323,11 +337,19 @@ class UniKEEditor(TrainedEditor):
     def ffn_width(self, layer: int) -> int:
         return int(self.adapter.site(f"lm.ffn_key.{layer}").in_features)
 
-    def _install_latent(self, tensors: dict[str, torch.Tensor], patches: dict[int, EditPatch] | None = None
-                        ) -> LatentShift:
-        """The latent-IKE hooks from the retrieved indices and the edit's own states in ``tensors``.
-        With the image gate, each layer's shift is gated like the layer's new neurons (``patches``),
-        whose gate the same forward computed just before (site ``layer``: the FFN runs first)."""
+    def _gates(self, patches: dict[int, EditPatch], banked: BankedPatches | None = None) -> dict | None:
+        """With the image gate, each layer's shift is gated like the layer's new neurons, whose gate
+        the same forward computed just before (site ``layer``: the FFN runs first): read from the
+        patches being trained, or from the neuron banks once ``banked``."""
+        if not patches or self.config.image_gate is None:
+            return None
+        if banked is None:
+            return {l: (lambda p=p: p.last_gate) for l, p in patches.items()}
+        return {l: BankGate(banked.banks[l], banked.owner) for l in patches}
+
+    def _install_latent(self, tensors: dict[str, torch.Tensor], gates: dict | None = None) -> LatentShift:
+        """The latent-IKE shift from the retrieved indices and the edit's own states in ``tensors``,
+        each layer's row gated by ``gates`` (:meth:`_gates`)."""
         mem = self.memory
         dev = self.adapter.device
         know, center = {}, {}
@@ -337,8 +359,6 @@ class UniKEEditor(TrainedEditor):
             center[l] = mem.mean[j].to(dev)
         s = None if self.config.s == "dynamic" else float(self.config.s)
         enc = self.module if s is None else None
-        gates = ({l: (lambda p=p: p.last_gate) for l, p in patches.items()}
-                 if patches and self.config.image_gate is not None else None)
         return LatentShift(self.adapter, know, center, s=s, encoders=enc,
                            enc_index={l: j for j, l in enumerate(self.layers)}, tau=self.config.tau,
                            site=self.config.site, calibrated=self.config.s_calibrated, row_gate=gates)
@@ -383,14 +403,15 @@ class UniKEEditor(TrainedEditor):
                                                     if k.startswith(f"patch.{l}.")}, meta.get("act", "relu"))
                            .to(self.adapter.device)
                            for l in self.layers}
-                undo.append(PatchHooks(self.adapter, patches).remove)
+                banked = BankedPatches(self.adapter, patches)
+                undo.append(banked.remove)
             if meta.get("external") == "latent":
                 if self.memory is None or self.memory.digest() != meta.get("memory"):
                     raise ValueError(f"{path}: the edit's latent-IKE memory ({meta.get('memory')}) is not this "
                                      "editor's; load it with the weights it was made with")
                 if meta.get("s") != self.config.s:
                     raise ValueError(f"{path}: saved with s={meta.get('s')!r}, this editor has s={self.config.s!r}")
-                undo.append(self._install_latent(t, patches).remove)
+                undo.append(self._install_latent(t, self._gates(patches, banked) if patches else None).remove)
         except BaseException:
             for fn in reversed(undo):
                 fn()

@@ -119,6 +119,19 @@ class EditPatch(FFNPatch):
             self.last_gate = g
         return a @ self.value.to(q.dtype) + a.sum(-1, keepdim=True) * self.offset.to(q.dtype)
 
+    @torch.no_grad()
+    def packed(self) -> dict:
+        """Per-neuron form for :class:`~mmke.editors.patch.NeuronBank`: centring and scaling folded
+        into the keys and biases, ((q - mu) * gamma) K + b = q (gamma K) + (b - gamma mu K), the zeta
+        offset into the values, sum_n a_n zeta = sum_n a_n 1 zeta^T; the image gate as
+        (unit signature, centre, (lo, hi)), or None when the neurons are ungated."""
+        s, k = self.scale.float(), self.key.detach().float()
+        gate = None
+        if bool(self.gated):
+            gate = (self.img_key.float(), self.img_center.float(), (float(self.img_ramp[0]), float(self.img_ramp[1])))
+        return {"key": k * s, "bias": self.bias.detach().float() - s * (self.center.float() @ k),
+                "value": self.value.detach().float() + self.offset.float()[None], "act": self.act, "gate": gate}
+
     def state(self) -> dict[str, torch.Tensor]:
         return {"key": self.key.data, "bias": self.bias.data, "value": self.value.data,
                 "center": self.center, "scale": self.scale, "offset": self.offset,

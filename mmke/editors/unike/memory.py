@@ -17,6 +17,21 @@ is shifted towards the knowledge it attends to:
     h'_t = (1 - s_t) h_t + s_t h_know_t           s_t fixed, or dynamic (:func:`shift`)
 
 Stored as ``memory.safetensors`` (float16) + ``memory.json`` beside the encoder weights.
+
+**Many edits.** Installed edits do not each hook the layer: a :class:`LatentBank` per layer (and
+shift configuration) keeps every edit's knowledge rows in one deduplicated tensor (the retrieved
+rows come from one memory, so 1,000 edits hold about ``len(memory)`` + 1,000 distinct rows) with one
+hook. With one edit the bank applies exactly that edit's shift (the formula above, bit for bit). With
+several, each position t takes the shift of **one** edit: among the edits whose row gate is open
+(unike-plus: the image gate of the edit's neurons in the same layer; every edit where ungated), the
+edit e whose own knowledge state (its last row: the edit's question + new answer) has the highest
+cosine with h_t; then, as for a single edit,
+
+    h'_t = (1 - s_e,t g_e) h_t + s_e,t g_e softmax(cos(h_t, P_e) / tau) P_e
+
+with s_e,t that edit's fixed or dynamic s and g_e its row gate. Positions of rows with no open
+gate are left alone. The cost is one cosine against every distinct row and one softmax within the
+chosen edit, whatever the number of edits (no per-edit attention or semantic encoding).
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +177,184 @@ def shift(h: torch.Tensor, P: torch.Tensor, center: torch.Tensor, tau: float, s:
     return ((1 - s_t[..., None]) * h32 + s_t[..., None] * know).to(h.dtype), s_t
 
 
+class BankGate:
+    """A latent entry's row gate read from the neuron bank that holds the same edit's neurons
+    (:meth:`~mmke.editors.patch.NeuronBank.gate_of`); the latent bank gathers these in one go."""
+
+    def __init__(self, bank, owner: Hashable) -> None:
+        self.bank, self.owner = bank, owner
+
+    def __call__(self) -> torch.Tensor | None:
+        return self.bank.gate_of(self.owner)
+
+
+class LatentBank:
+    """Every installed edit's latent-IKE knowledge of one layer (and one shift configuration:
+    site, centre, tau, s, encoder): the rows of all edits in one deduplicated tensor, one hook.
+    See the module docstring for how several edits' shifts combine."""
+
+    def __init__(self, adapter: ModelAdapter, layer: int, site: str, key: tuple, center: torch.Tensor, *,
+                 tau: float, s: float | None, semantic: Callable | None, floor: float) -> None:
+        self.adapter, self.layer, self.key = adapter, layer, key
+        self.center, self.tau, self.s, self.semantic, self.floor = center.float(), tau, s, semantic, floor
+        self.entries: dict[Hashable, dict[str, Any]] = {}  # owner -> {"know": [M, H], "idx": [M], "gate": ...}
+        self._rows: dict[bytes, int] = {}
+        self._pool: list[torch.Tensor] = []  # unique knowledge rows [H]
+        self._packed: dict[str, Any] | None = None
+        self.last_s: torch.Tensor | None = None  # [B, T] the applied s of the last forward
+        self._handle = site_module(adapter, layer, site).register_forward_hook(self._hook)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, owner: Hashable, know: torch.Tensor, gate: Callable | None = None) -> None:
+        know = know.float().to(self.center.device)
+        idx = []
+        for row in know:
+            b = row.detach().cpu().numpy().tobytes()
+            if b not in self._rows:
+                self._rows[b] = len(self._pool)
+                self._pool.append(row.detach())
+            idx.append(self._rows[b])
+        self.entries[owner] = {"know": know, "idx": torch.tensor(idx, dtype=torch.long), "gate": gate}
+        self._packed = None
+
+    def set_gate(self, owner: Hashable, gate: Callable | None) -> None:
+        self.entries[owner]["gate"] = gate
+        if self._packed is not None:
+            self._packed.pop("calls", None)
+
+    def remove(self, owner: Hashable) -> None:
+        if self.entries.pop(owner, None) is None:
+            return
+        self._packed = None
+        if not self.entries:
+            self._handle.remove()
+            banks = getattr(self.adapter, "_latent_banks", {})
+            if banks.get(self.key) is self:
+                del banks[self.key]
+            return
+        # the pool the remaining edits would have on their own (the same rows, in their order)
+        self._rows, self._pool = {}, []
+        old = list(self.entries.items())
+        self.entries = {}
+        for o, e in old:
+            self.add(o, e["know"], e["gate"])
+
+    # ---- the hook ------------------------------------------------------------------------
+    def _hook(self, _mod, _args, out):  # out: [B, T, H] (or a tuple whose first item it is)
+        h = _hidden_of(out)
+        if len(self.entries) == 1:  # one edit: exactly its own shift
+            e = next(iter(self.entries.values()))
+            gate = e["gate"]() if e["gate"] is not None else None
+            new, s = shift(h, e["know"], self.center, self.tau, self.s, self.semantic, self.floor, gate)
+        else:
+            new, s = self.packed_shift(h)
+        self.last_s = s.detach()
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+    def _pack(self) -> dict[str, Any]:
+        if self._packed is None:
+            P = torch.stack(self._pool)  # [U, H]
+            idx = [e["idx"] for e in self.entries.values()]
+            M = max(len(i) for i in idx)
+            member = torch.zeros(len(idx), M, dtype=torch.long)
+            valid = torch.zeros(len(idx), M, dtype=torch.bool)
+            for j, i in enumerate(idx):
+                member[j, : len(i)] = i
+                valid[j, : len(i)] = True
+            dev = P.device
+            self._packed = {"P": P, "Pu": F.normalize(P - self.center, dim=-1), "member": member.to(dev),
+                            "valid": valid.to(dev), "own": torch.stack([i[-1] for i in idx]).to(dev),
+                            "owners": list(self.entries)}
+        return self._packed
+
+    def _gates(self, B: int, device) -> torch.Tensor:
+        """[B, E] each edit's row gate (1 where the edit is ungated)."""
+        pk = self._pack()
+        G = torch.ones(B, len(pk["owners"]), device=device)
+        if "calls" not in pk:  # sort the gates once per change of the bank's contents
+            calls, groups = [], {}
+            for j, e in enumerate(self.entries.values()):
+                g = e["gate"]
+                if isinstance(g, BankGate):
+                    groups.setdefault(id(g.bank), (g.bank, [], [], {}))
+                    groups[id(g.bank)][1].append(j)
+                    groups[id(g.bank)][2].append(g)
+                elif g is not None:
+                    calls.append((j, g))
+            pk["calls"], pk["groups"] = calls, list(groups.values())
+        for j, g in pk["calls"]:
+            v = g()
+            if v is not None:
+                G[:, j] = v.to(G)
+        for bank, js, gates, cache in pk["groups"]:
+            if len(bank) <= 1 or bank.last_gates is None:  # the bank runs its one patch: ask it
+                for j, g in zip(js, gates):
+                    v = g()
+                    if v is not None:
+                        G[:, j] = v.to(G)
+                continue
+            if cache.get("version") != bank.version:
+                cols = bank.gate_columns([g.owner for g in gates])
+                has = cols >= 0
+                cache.update(version=bank.version, cols=cols[has].to(device),
+                             js=torch.tensor(js, dtype=torch.long)[has].to(device))
+            if len(cache["cols"]):
+                G[:, cache["js"]] = bank.last_gates[:, cache["cols"]].to(G)
+        return G
+
+    def packed_shift(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several edits: each position takes the shift of one edit, the one (among those whose row
+        gate is open) whose own knowledge state it is most similar to (module docstring)."""
+        B, T = h.shape[:2]
+        pk = self._pack()
+        G = self._gates(B, h.device)
+        open_ = G > 0
+        rows = open_.any(1).nonzero()[:, 0]
+        s_all = torch.zeros(B, T, device=h.device)
+        if len(rows) == 0:
+            return h, s_all
+        x = h[rows].float()  # [b, T, H]
+        xc = x - self.center
+        S = F.normalize(xc, dim=-1) @ pk["Pu"].t() / self.tau  # [b, T, U] every knowledge row
+        route = S[..., pk["own"]].masked_fill(~open_[rows][:, None, :], float("-inf"))  # [b, T, E]
+        e = route.argmax(-1)  # [b, T] the edit each position takes
+        idx, valid = pk["member"][e], pk["valid"][e]  # [b, T, M]
+        w = torch.softmax(S.gather(-1, idx).masked_fill(~valid, float("-inf")), -1)
+        W = torch.zeros_like(S).scatter_add_(-1, idx, w * valid)
+        know = W @ pk["P"]  # [b, T, H]: softmax(cos(h, P_e) / tau) P_e of the chosen edit e
+        if self.s is None:
+            c = F.cosine_similarity(self.semantic(know), xc, dim=-1)
+            s_t = ((c - self.floor) / (1 - self.floor)).clamp(0, 1)
+        else:
+            s_t = torch.full(e.shape, float(self.s), device=h.device)
+        s_t = s_t * G[rows].gather(1, e.reshape(len(rows), -1)).reshape(e.shape)
+        new = ((1 - s_t[..., None]) * x + s_t[..., None] * know).to(h.dtype)
+        out = h.clone()
+        out[rows] = new
+        s_all[rows] = s_t
+        return out, s_all
+
+
+def latent_bank(adapter: ModelAdapter, layer: int, site: str, center: torch.Tensor, *, tau: float,
+                s: float | None, encoders: UniKEEncoders | None, enc_index: int, floor: float) -> LatentBank:
+    """The latent bank of ``layer`` for one shift configuration (made on first use, registered on
+    the adapter): edits of one editor share it; another configuration gets a bank (and hook) of its own."""
+    c = center.detach().float().cpu().contiguous()
+    key = (layer, site, float(tau), s, id(encoders) if encoders is not None else None, enc_index, float(floor),
+           hashlib.sha256(c.numpy().tobytes()).hexdigest())
+    banks = adapter.__dict__.setdefault("_latent_banks", {})
+    if key not in banks:
+        semantic = (lambda x, enc=encoders, i=enc_index: enc.semantic(i, x)) if encoders is not None else None
+        banks[key] = LatentBank(adapter, layer, site, key, center.float(), tau=tau, s=s, semantic=semantic,
+                                floor=floor)
+    return banks[key]
+
+
 class LatentShift:
-    """The hooks of one edit's latent IKE: shift each edited layer's output at ``site``."""
+    """One edit's latent IKE: its knowledge rows in each edited layer's :class:`LatentBank` (the
+    banks hook the layers' outputs at ``site``); ``remove()`` takes them out."""
 
     def __init__(self, adapter: ModelAdapter, know: dict[int, torch.Tensor], center: dict[int, torch.Tensor], *,
                  s: float | None, encoders: UniKEEncoders | None, enc_index: dict[int, int], tau: float,
@@ -171,32 +362,32 @@ class LatentShift:
                  row_gate: dict[int, Callable[[], torch.Tensor | None]] | None = None) -> None:
         if s is None and encoders is None:
             raise ValueError("dynamic s needs the trained semantic encoder")
-        self.know = know  # layer -> [M, H] retrieved h_pos (+ the edit's own)
+        self.know = know  # layer -> [M, H] retrieved h_pos (+ the edit's own, last)
         self.center = center  # layer -> [H] memory mean of the question states
         self.s, self.encoders, self.tau, self.calibrated = s, encoders, tau, calibrated
-        # layer -> the current forward's per-row gate (set earlier in the same layer's forward)
-        self.row_gate = row_gate or {}
-        self.last_s: dict[int, torch.Tensor] = {}  # layer -> [B, T] of the last forward (inspection)
-        self._handles = [site_module(adapter, l, site).register_forward_hook(self._hook(l, enc_index[l]))
-                         for l in know]
+        self.owner = object()
+        row_gate = row_gate or {}
+        enc = encoders if s is None else None
+        self.banks: dict[int, LatentBank] = {}
+        for l in know:
+            i = enc_index[l]
+            floor = float(encoders.s_floor[i]) if encoders is not None and calibrated else 0.0
+            bank = latent_bank(adapter, l, site, center[l], tau=tau, s=s, encoders=enc, enc_index=i, floor=floor)
+            bank.add(self.owner, know[l], row_gate.get(l))
+            self.banks[l] = bank
 
-    def _hook(self, layer: int, i: int):
-        P, center = self.know[layer], self.center[layer].float()
-        enc = self.encoders
-        semantic = (lambda x: enc.semantic(i, x)) if enc is not None else None
-        floor = float(enc.s_floor[i]) if enc is not None and self.calibrated else 0.0
+    @property
+    def last_s(self) -> dict[int, torch.Tensor]:
+        """layer -> [B, T] the s applied in the last forward (inspection)."""
+        return {l: b.last_s for l, b in self.banks.items() if b.last_s is not None}
 
-        gate_of = self.row_gate.get(layer)
-
-        def hook(_mod, _args, out):  # out: [B, T, H] (or a tuple whose first item it is)
-            gate = gate_of() if gate_of is not None else None
-            new, s = shift(_hidden_of(out), P, center, self.tau, self.s, semantic, floor, gate)
-            self.last_s[layer] = s.detach()
-            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
-
-        return hook
+    def set_gates(self, gates: dict[int, Callable[[], torch.Tensor | None] | None]) -> None:
+        """Read each layer's row gate from ``gates`` from now on (e.g. the neuron bank, once the
+        edit's trained neurons moved there)."""
+        for l, g in gates.items():
+            self.banks[l].set_gate(self.owner, g)
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        for b in self.banks.values():
+            b.remove(self.owner)
+        self.banks = {}

@@ -1,0 +1,223 @@
+"""Packed key-value banks: many edits, one pre-hook + one hook per layer; removal in any order."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmke.data.schema import EditRecord
+from mmke.editors.base import EditRequest
+from mmke.editors.patch import BankedPatches, FFNPatch, neuron_bank
+from mmke.editors.tpatcher import TPatcherConfig, TPatcherEditor
+from mmke.editors.unike import UniKEIntrinsicEditor
+from mmke.editors.unike.intrinsic import EditPatch
+from mmke.editors.unike.memory import LatentShift, shift
+from mmke.models.base import Example
+from mmke.models.tiny import tiny_blip2, tiny_llava
+from mmke.tasks import TASKS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+
+
+def _img(rgb):
+    return Image.new("RGB", (32, 32), rgb)
+
+
+def _logits(adapter, exs):
+    with torch.no_grad():
+        return adapter.run(exs).logits
+
+
+def _hooks(adapter, layers):
+    """(pre-hooks on the FFN keys, hooks on the FFN values, hooks on attention/layer outputs) per layer."""
+    return {l: (len(adapter.site(f"lm.ffn_key.{l}")._forward_pre_hooks),
+                len(adapter.site(f"lm.ffn_value.{l}")._forward_hooks),
+                len(adapter.site(f"lm.attn_out.{l}")._forward_hooks) + len(adapter.lm_layers()[l]._forward_hooks))
+            for l in layers}
+
+
+def _no_hooks(adapter):
+    """No hook left anywhere in the LM (transformers adds its own output-capturing hooks to the
+    vision tower on the first forward)."""
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in adapter.lm_layers().modules())
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    for name, rgb in COLOURS.items():
+        _img(rgb).save(root / f"{name}.png")
+    out = []
+    for i in range(9):
+        c, o = list(COLOURS)[i % 3], list(COLOURS)[(i + 1) % 3]
+        out.append(EditRecord(
+            src="what color is the shape?", alt=c, rephrase="what is the colour of the shape?",
+            image=f"{c}.png", image_rephrase=f"{c}.png", loc="nq question: what is the capital of france?",
+            loc_ans="paris", m_loc=f"{o}.png", m_loc_q="is there a circle?", m_loc_a="no", index=i,
+            image_path=root / f"{c}.png", image_rephrase_path=root / f"{c}.png", m_loc_path=root / f"{o}.png"))
+    return out
+
+
+def _check_all_orders(adapter, editor, saved, layers, probes):
+    """Three saved edits: loaded together they hold 2 hooks per layer; removed in each of the six
+    orders, every intermediate model is exactly the one holding only the remaining edits, and the
+    last removal leaves the unedited model with no hook at all."""
+    before = _logits(adapter, probes)
+    assert _no_hooks(adapter)
+    for order in itertools.permutations(range(3)):
+        handles = [editor.load(d) for d in saved]
+        assert all(v[:2] == (1, 1) for v in _hooks(adapter, layers).values())
+        left = [0, 1, 2]
+        for i in order:
+            handles[i].remove()
+            left.remove(i)
+            got = _logits(adapter, probes)
+            # the same edits alone, loaded afresh in their order
+            for h in handles:
+                if h.active:
+                    h.remove()
+            assert torch.equal(_logits(adapter, probes), before)
+            handles = [editor.load(saved[j]) if j in left else handles[j] for j in range(3)]
+            assert torch.equal(_logits(adapter, probes), got)
+        assert _no_hooks(adapter)
+        assert torch.equal(_logits(adapter, probes), before)
+
+
+def test_unike_intrinsic_edits_share_one_bank_and_unwind_in_any_order(records, tmp_path):
+    adapter = tiny_llava()
+    cfg = UniKEIntrinsicEditor.Config(layers=2, n_neurons=4, steps=20, memory_size=4, key_init="whitened",
+                                      image_gate=(0.3, 0.5))
+    ed = UniKEIntrinsicEditor(adapter, cfg, task=TASKS["vqa"], train_records=records)
+    exs = [Example("what color is the shape?", " green", _img(COLOURS["red"])),
+           Example("what color is the shape?", " red", _img(COLOURS["blue"])),
+           Example("is there a circle?", " yes", _img(COLOURS["green"]))]
+    probes = exs + [Example("nq question: what is the capital of france?", " paris", None)]
+    before = _logits(adapter, probes)
+    hs = [ed.edit(EditRequest(exs[0]))]
+    v = adapter.run(exs[:1])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+    one = _logits(adapter, probes)
+    hs += [ed.edit(EditRequest(ex)) for ex in exs[1:]]  # sequential: each trains on the edited model
+    assert all(v == (1, 1, 0) for v in _hooks(adapter, ed.layers).values())
+    assert neuron_bank(adapter, ed.layers[0]).num_neurons == 3 * cfg.n_neurons
+    assert not torch.equal(_logits(adapter, probes), one)
+    saved = []
+    for i, h in enumerate(hs):
+        h.save(tmp_path / f"e{i}")
+        saved.append(tmp_path / f"e{i}")
+    for h in hs:
+        h.remove()
+    assert _no_hooks(adapter) and torch.equal(_logits(adapter, probes), before)
+    _check_all_orders(adapter, ed, saved, ed.layers, probes)
+
+
+def test_tpatcher_edits_share_one_bank_and_unwind_in_any_order(tmp_path):
+    adapter = tiny_blip2()  # OPT: the FFN flattens tokens
+    ed = TPatcherEditor(adapter, TPatcherConfig(steps=40, lr=5e-2))
+    img = _img((0, 128, 128))
+    exs = [Example("what color is the shape?", " red", img), Example("what shape is present?", " circle", img),
+           Example("nq question: what is the capital of france?", " rome", None)]
+    saved, hs = [], []
+    for i, ex in enumerate(exs):
+        hs.append(ed.edit(EditRequest(ex)))  # sequential: each trains on the edited model
+        assert hs[-1].meta["neurons"] >= 1
+        hs[-1].save(tmp_path / f"e{i}")
+        saved.append(tmp_path / f"e{i}")
+    assert _hooks(adapter, [ed.layer])[ed.layer][:2] == (1, 1)
+    for h in hs:
+        h.remove()
+    _check_all_orders(adapter, ed, saved, [ed.layer], exs)
+
+
+def _edit_patch(H, n, seed, act, gated):
+    g = torch.Generator().manual_seed(seed)
+    p = EditPatch(H, n, seed=seed, act=act)
+    with torch.no_grad():
+        p.key.copy_(torch.randn(H, n, generator=g))
+        p.bias.copy_(torch.randn(n, generator=g) * 0.5)
+        p.value.copy_(torch.randn(n, H, generator=g))
+        p.center.copy_(torch.randn(H, generator=g))
+        p.scale.fill_(0.5 + seed)
+        p.offset.copy_(torch.randn(H, generator=g) * 0.1)
+        if gated:
+            p.set_image_gate(torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.1, -0.5, 0.5)
+    return p.requires_grad_(False)
+
+
+def test_bank_output_is_the_sum_of_the_separate_patches():
+    adapter = tiny_llava()
+    layer = adapter.num_lm_layers - 1
+    H = int(adapter.site(f"lm.ffn_key.{layer}").in_features)
+    plain = FFNPatch(H, 3, seed=7).requires_grad_(False)
+    with torch.no_grad():
+        plain.value.normal_()
+    patches = [plain, _edit_patch(H, 4, 1, "ramp", True), _edit_patch(H, 2, 2, "relu2", False),
+               _edit_patch(H, 5, 3, "relu", True)]
+    banked = [BankedPatches(adapter, {layer: p}) for p in patches]
+    bank = neuron_bank(adapter, layer)
+    assert len(bank) == 4 and bank.num_neurons == 14
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, H, generator=g)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, :2] = mask[1, 1:3] = True  # row 2: no image (gated neurons silent)
+    want = sum(p(q, mask) for p in patches)
+    got = bank(q, mask)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    # the gate each edit had separately is the bank's gate of that edit
+    for b, p in zip(banked[1:], patches[1:]):
+        gp = p.last_gate
+        gb = bank.gate_of(b.owner)
+        assert (gp is None) == (gb is None) and (gp is None or torch.allclose(gb, gp, atol=1e-5))
+    # without any image mask: only the ungated neurons
+    assert torch.allclose(bank(q, None), patches[0](q) + patches[2](q), atol=1e-4, rtol=1e-4)
+    for b in banked[::-1]:
+        b.remove()
+    assert _no_hooks(adapter) and not adapter._neuron_banks
+
+
+def test_latent_bank_one_hook_and_the_single_edit_shift_exactly():
+    adapter = tiny_llava()
+    layer = adapter.num_lm_layers - 1
+    H = int(adapter.site(f"lm.attn_out.{layer}").out_features)
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(H, generator=g) * 0.1
+    base = torch.randn(6, H, generator=g)  # a shared memory: edits retrieve overlapping rows
+    knows = [torch.cat([base[i:i + 3], torch.randn(1, H, generator=g)]) for i in range(3)]
+    ex = Example("what color is the shape?", " red", _img((0, 128, 128)))
+    before = _logits(adapter, [ex])
+    box = {}
+    rec = adapter.lm_layers()[layer].register_forward_hook(lambda _m, _a, out: box.__setitem__("h", out))
+    shifts = [LatentShift(adapter, {layer: k}, {layer: center}, s=0.5, encoders=None, enc_index={layer: 0},
+                          tau=0.1, site="layer") for k in knows[:1]]
+    with torch.no_grad():
+        adapter.run([ex])
+    h_in = box["h"][0] if isinstance(box["h"], tuple) else box["h"]  # the layer's output before the bank
+    rec.remove()
+    # one edit: exactly shift() of its knowledge
+    out = {}
+    tap = adapter.lm_layers()[layer].register_forward_hook(lambda _m, _a, o: out.__setitem__("h", o), prepend=False)
+    with torch.no_grad():
+        adapter.run([ex])
+    tap.remove()
+    got = out["h"][0] if isinstance(out["h"], tuple) else out["h"]
+    assert torch.equal(got, shift(h_in, knows[0], center, 0.1, 0.5)[0])
+    shifts += [LatentShift(adapter, {layer: k}, {layer: center}, s=0.5, encoders=None, enc_index={layer: 0},
+                           tau=0.1, site="layer") for k in knows[1:]]
+    assert len(adapter.lm_layers()[layer]._forward_hooks) == 1
+    bank = next(iter(adapter._latent_banks.values()))
+    assert len(bank._pool) == 5 + 3  # rows shared between edits are stored once
+    # every position takes exactly one edit's shift (all fixed s = 0.5 and ungated here)
+    new, s = bank.packed_shift(h_in)
+    assert bool((s == 0.5).all())
+    alone = torch.stack([shift(h_in, k, center, 0.1, 0.5)[0] for k in knows])  # [3, B, T, H]
+    match = (alone - new[None]).abs().amax(-1) < 1e-5  # [3, B, T]
+    assert bool(match.any(0).all())
+    for order in itertools.permutations(range(3)):
+        hs = [LatentShift(adapter, {layer: k}, {layer: center}, s=0.5, encoders=None, enc_index={layer: 0},
+                          tau=0.1, site="layer") for k in knows] if order != (0, 1, 2) else shifts
+        for i in order:
+            hs[i].remove()
+        assert _no_hooks(adapter) and torch.equal(_logits(adapter, [ex]), before)
