@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from mmke.data.schema import EditRecord

@@ -135,6 +135,26 @@ def as_rows(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the codebook -------------------------------------------------------------------------
+class TappedHook:
+    """A forward hook on ``self.site`` (``self._forward``) that needs the batch's labels: installing
+    it holds the adapter's label tap, removing it lets go."""
+
+    adapter: ModelAdapter
+    site: torch.nn.Module
+    _hook: Any = None
+
+    def _install(self) -> None:
+        if self._hook is None:
+            label_tap(self.adapter).acquire()
+            self._hook = self.site.register_forward_hook(self._forward)
+
+    def _uninstall(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+            label_tap(self.adapter).release()
+
+
 class GraceRecord:
     """One edit as the codebook sees it."""
 
@@ -142,7 +162,7 @@ class GraceRecord:
         self.rid, self.key, self.value, self.label = rid, key, value, label
 
 
-class Codebook:
+class Codebook(TappedHook):
     """Keys, values, radii and labels at one layer, rebuilt from the surviving records."""
 
     def __init__(self, adapter: ModelAdapter, layer: int, eps_init: float) -> None:
@@ -210,17 +230,6 @@ class Codebook:
         if not self.records:
             self._uninstall()
 
-    # the hook
-    def _install(self) -> None:
-        if self._hook is None:
-            label_tap(self.adapter).acquire()
-            self._hook = self.site.register_forward_hook(self._forward)
-
-    def _uninstall(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-            label_tap(self.adapter).release()
 
     def ensure_hook(self) -> None:
         """Install the hook even with an empty codebook (while an edit is being trained)."""

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, read_saved_edit
-from mmke.editors.grace import as_rows, label_tap, resolve_layer
+from mmke.editors.grace import TappedHook, as_rows, label_tap, resolve_layer
 from mmke.editors.tail import TailRunner
 from mmke.models.base import Example, ModelAdapter, target_nll, target_positions
 
@@ -82,7 +82,7 @@ class WiseRecord:
         self.rid, self.shard, self.delta, self.act = rid, shard, delta, act
 
 
-class SideMemory:
+class SideMemory(TappedHook):
     """W_v' at one layer: shards rebuilt from their edits' deltas, the merged memory, the hook."""
 
     def __init__(self, adapter: ModelAdapter, layer: int, cfg: "WiseConfig") -> None:
@@ -137,16 +137,6 @@ class SideMemory:
         self.records = [r for r in self.records if r.rid != rid]
         self.rebuild()
 
-    def _install(self) -> None:
-        if self._hook is None:
-            label_tap(self.adapter).acquire()
-            self._hook = self.site.register_forward_hook(self._forward)
-
-    def _uninstall(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-            label_tap(self.adapter).release()
 
     def score(self, a3: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Delta per row [B]: mean over target-predicting positions of ||a (W' - W)^T||."""
