@@ -124,7 +124,7 @@ def test_three_edits_removed_in_every_order(method, toy, unike_weights, one_thre
     assert torch.equal(_probe(adapter, records), outs[0])
 
 
-def test_weight_ledger_removes_the_middle_edit_by_its_delta():
+def test_weight_ledger_removes_the_middle_edit_by_its_delta(tmp_path):
     """Removing edit 2 of 3 leaves base + d1 + d3; removing all restores the base bit for bit."""
     adapter = tiny_blip2(seed=0)
     name, p = next(iter(adapter.model.named_parameters()))
@@ -152,6 +152,8 @@ def test_weight_ledger_removes_the_middle_edit_by_its_delta():
     h.release()
     with pytest.raises(RuntimeError, match="released"):
         h.remove()
+    with pytest.raises(RuntimeError, match="released"):
+        h.save(tmp_path / "edit")
     WeightLedger.of(adapter).restore_all()
     assert torch.equal(p, base)
 

@@ -189,15 +189,19 @@ class EditHandle:
 
     def release(self) -> None:
         """Make a parameter edit permanent (with every earlier edit of the same parameters), freeing
-        the copies kept for undo: for long edit streams that are never undone one by one. The
-        unedited values stay with the model's ledger (:meth:`WeightLedger.restore_all`). No-op for
-        edits that change no parameter (they cost no copy)."""
+        the copies kept for undo and for saving (a released edit cannot be saved): for long edit
+        streams that are never undone one by one — 1,000 MEND edits would otherwise hold 21 GB of
+        copies on the default model. The unedited values stay with the model's ledger
+        (:meth:`WeightLedger.restore_all`). No-op for edits that change no parameter."""
         if self._params and self.active:
             WeightLedger.of(self.adapter).release(self.id)
             self.released = True
+            self.tensors = {}
 
     def save(self, path: str | Path) -> None:
         """Write ``path/edit.safetensors`` and ``path/edit.json``."""
+        if self.released:
+            raise RuntimeError(f"{self.method} edit {self.id} was released: its tensors are gone; save before release()")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(self.tensors, path / "edit.safetensors")
