@@ -392,7 +392,7 @@ class Run:
         summary.update({
             "n_skipped": n_skipped, "seed": cfg.seed,
             "protocol": self.protocol(),
-            "config": cfg.model_dump(),
+            "config": cfg.model_dump(mode="json"),
             "provenance": run["provenance"],
         })
         if cfg.setting == "lifelong":
