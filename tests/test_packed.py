@@ -4,9 +4,7 @@ import itertools
 
 import pytest
 import torch
-from PIL import Image
 
-from mmke.data.schema import EditRecord
 from mmke.editors.base import EditRequest
 from mmke.editors.patch import BankedPatches, FFNPatch, neuron_bank
 from mmke.editors.tpatcher import TPatcherConfig, TPatcherEditor
@@ -16,13 +14,13 @@ from mmke.editors.unike.memory import LatentShift, shift
 from mmke.models.base import Example
 from mmke.models.tiny import tiny_blip2, tiny_llava
 from mmke.tasks import TASKS
+from tests.toydata import RGB3, colour_image, colour_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+COLOURS = RGB3
 
 
-def _img(rgb):
-    return Image.new("RGB", (32, 32), rgb)
+_img = colour_image
 
 
 def _logits(adapter, exs):
@@ -46,18 +44,7 @@ def _no_hooks(adapter):
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    for name, rgb in COLOURS.items():
-        _img(rgb).save(root / f"{name}.png")
-    out = []
-    for i in range(9):
-        c, o = list(COLOURS)[i % 3], list(COLOURS)[(i + 1) % 3]
-        out.append(EditRecord(
-            src="what color is the shape?", alt=c, rephrase="what is the colour of the shape?",
-            image=f"{c}.png", image_rephrase=f"{c}.png", loc="nq question: what is the capital of france?",
-            loc_ans="paris", m_loc=f"{o}.png", m_loc_q="is there a circle?", m_loc_a="no", index=i,
-            image_path=root / f"{c}.png", image_rephrase_path=root / f"{c}.png", m_loc_path=root / f"{o}.png"))
-    return out
+    return colour_records(tmp_path_factory.mktemp("imgs"), 9)
 
 
 def _check_all_orders(adapter, editor, saved, layers, probes):

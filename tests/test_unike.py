@@ -4,9 +4,7 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
-from mmke.data.schema import EditRecord
 from mmke.editors.base import EditRequest
 from mmke.editors.trained import save_weights
 from mmke.editors.unike import UniKEConfig, UniKEEditor, UniKEIntrinsicEditor
@@ -17,13 +15,13 @@ from mmke.editors.tail import TailRunner
 from mmke.models.base import Example, target_nll
 from mmke.models.tiny import tiny_blip2, tiny_llava
 from mmke.tasks import TASKS
+from tests.toydata import colour_image, colour_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(layers=2, n_neurons=4, steps=40, lr=0.05, memory_size=4)
 
 
-def _img(rgb):
-    return Image.new("RGB", (32, 32), rgb)
+_img = colour_image
 
 
 def _logits(adapter, exs):
@@ -34,20 +32,7 @@ def _logits(adapter, exs):
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     """Twelve toy MMEdit records with real image files (train split of a fake task)."""
-    root = tmp_path_factory.mktemp("imgs")
-    colours = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
-    for name, rgb in colours.items():
-        _img(rgb).save(root / f"{name}.png")
-    out = []
-    for i in range(12):
-        c = list(colours)[i % 3]
-        o = list(colours)[(i + 1) % 3]
-        out.append(EditRecord(
-            src="what color is the shape?", alt=c, rephrase="what is the colour of the shape?",
-            image=f"{c}.png", image_rephrase=f"{c}.png", loc="nq question: what is the capital of france?",
-            loc_ans="paris", m_loc=f"{o}.png", m_loc_q="is there a circle?", m_loc_a="no", index=i,
-            image_path=root / f"{c}.png", image_rephrase_path=root / f"{c}.png", m_loc_path=root / f"{o}.png"))
-    return out
+    return colour_records(tmp_path_factory.mktemp("imgs"), 12)
 
 
 @pytest.mark.parametrize("build", [tiny_llava, tiny_blip2])
