@@ -154,7 +154,8 @@ def _labels(keys: list[dict[str, Any]]) -> list[str]:
 
 
 def table_rows(summaries: list[dict[str, Any]], exact_match: bool = False):
-    """(labels, rows) where rows[i][task] is (intervals per column, n_cases, run dir). Two runs
+    """(labels, rows) where rows[i][task] is (intervals per column, n label, run dir). The n label is
+    the case count, or for a lifelong run "edits (probes)": its locality columns are over the probes. Two runs
     with the same key and task are an error: which one should the row show?"""
     keys: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
@@ -167,7 +168,8 @@ def table_rows(summaries: list[dict[str, Any]], exact_match: bool = False):
         if s["task"] in row:
             raise ValueError(f"two runs of the same configuration and task: {row[s['task']][2]} and "
                              f"{s['_dir']}; report one of them")
-        row[s["task"]] = (_cell_intervals(s, exact_match), s["n_cases"], s.get("_dir"))
+        n = f"{s['n_cases']} ({s['n_probes']} probes)" if "n_probes" in s else s["n_cases"]
+        row[s["task"]] = (_cell_intervals(s, exact_match), n, s.get("_dir"))
     return _labels(keys), rows
 
 
@@ -195,7 +197,7 @@ def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_matc
             f"Mean = mean of the five metrics; M-Loc hard = M-Loc on the cases whose unrelated-image "
             f"question is the edit's own; n = cases"
             + ("; lifelong rows: after the stream's last edit, reliability = retention of every edit, "
-               "locality over the probe set" if "lifelong" in settings else ""))
+               "locality over the probe set (n = edits (probes))" if "lifelong" in settings else ""))
     if compact:
         note = f"{what}, percent; setting: {', '.join(settings)}; Mean = mean of the five metrics; n = cases per task"
     if fmt == "html":
