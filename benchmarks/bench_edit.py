@@ -27,6 +27,7 @@ import torch
 
 from mmke.editors.base import EditRequest
 from mmke.eval.runner import Run, RunConfig
+from mmke.eval.settings import Case
 from mmke.io import atomic_write_json
 from mmke.registry import load_model
 from mmke.scoring import INPUT_KINDS, case_metrics, run_case
@@ -76,7 +77,7 @@ def main() -> None:
             r = Run(RunConfig(task=args.task, method=method, limit=args.cases), tmp, adapter=adapter)
             records, _ = r.load_records()
             editor = r.editor(adapter)
-            inputs = [r.inputs(adapter, rec) for rec in records]
+            inputs = [r.inputs(adapter, Case(str(i), args.task, rec)) for i, rec in enumerate(records)]
             pre = [run_case(adapter, x) for x in inputs]
             edit_s, eval_s, floor_s, base_s, ratio = [], [], [], [], []
             for i, (rec, x) in enumerate(zip(records, inputs)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -48,14 +49,16 @@ def _user_errors():
 
     from mmke.data.schema import DataError
 
+    rank = os.environ.get("RANK", "0")  # under torchrun, ranks other than 0 say which they are
+    where = f"rank {rank}: " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and rank != "0" else ""
     try:
         yield
     except ValidationError as e:
-        typer.secho(f"error: {validation_message(e)}", fg="red", err=True)
+        typer.secho(f"error: {where}{validation_message(e)}", fg="red", err=True)
         raise typer.Exit(2) from e
     except (DataError, KeyError, ValueError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        typer.secho(f"error: {msg}", fg="red", err=True)
+        typer.secho(f"error: {where}{msg}", fg="red", err=True)
         raise typer.Exit(2) from e
 
 
@@ -115,6 +118,10 @@ def data_build(
 
 
 _DEFAULT_K = {"sequential": 10, "cross-task": 10, "lifelong": 1000}
+_DEVICE_HELP = "put the whole model on this device: cpu, cuda, cuda:1, mps (default: cpu)"
+_DTYPE_HELP = "the model's weights: fp32 (default), bf16 or fp16; editors do their update math in fp32"
+_DEVICE_MAP_HELP = ("spread the model over devices with accelerate: `auto`, or a JSON file of module name -> "
+                    "device (e.g. {\"lm.model.layers.0\": \"cuda:0\", ...}); not with --device")
 
 
 def _parse_checkpoints(text: str | None) -> tuple[int, ...]:
@@ -138,7 +145,11 @@ def run_cmd(
     seed: int = typer.Option(0),
     data: Optional[Path] = typer.Option(None, help="MMEdit eval file (JSON list or JSON Lines); "
                                                    "default: the bundled benchmark"),
-    train_data: Optional[Path] = typer.Option(None, help="MMEdit train file (IKE demonstrations)"),
+    train_data: Optional[Path] = typer.Option(None, help="MMEdit train file (IKE demonstrations, memories); read "
+                                                         "only by methods that use it"),
+    train_image_root: Optional[Path] = typer.Option(None, help="root of the --train-data images (default: "
+                                                               "--image-root; with the bundled eval split: the "
+                                                               "train file's folder)"),
     image_root: Optional[Path] = typer.Option(None, help="root of `image` and `m_loc` paths "
                                                          "(default: the data file's folder)"),
     rephrase_image_root: Optional[Path] = typer.Option(None, help="root of `image_rephrase` paths "
@@ -154,10 +165,17 @@ def run_cmd(
                                                          "1,10,100,1000 (default: powers of ten and K)"),
     probes: int = typer.Option(100, help="lifelong: locality probe cases (the first of the stream)"),
     set_: List[str] = typer.Option([], "--set", help="method option key=value (repeatable)"),
+    device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
+    dtype: str = typer.Option("fp32", help=_DTYPE_HELP),
+    device_map: Optional[str] = typer.Option(None, help=_DEVICE_MAP_HELP),
+    shard: str = typer.Option("round-robin", help="under torchrun: how the run's groups are dealt to ranks, "
+                                                  "round-robin or contiguous"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run (or resume) editing evaluations in a setting and write DIR/summary.json."""
+    """Run (or resume) editing evaluations in a setting and write DIR/summary.json. Under
+    `torchrun --nproc-per-node N -m mmke run ...` the cases are shared among N model replicas."""
     _setup_logging(verbose)
+    from mmke.eval import distributed
     from mmke.eval.report import summary_line
     from mmke.eval.runner import Run, RunConfig
 
@@ -172,22 +190,33 @@ def run_cmd(
                            train_data=str(train_data) if train_data else None,
                            image_root=str(image_root) if image_root else (str(data.parent) if data else None),
                            rephrase_image_root=str(rephrase_image_root) if rephrase_image_root else None,
+                           train_image_root=str(train_image_root) if train_image_root else None,
                            limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
                            setting=setting, k=k if k is not None else _DEFAULT_K.get(setting, 1),
                            checkpoints=_parse_checkpoints(checkpoints), probes=probes,
-                           method_config=_parse_sets(set_)),
+                           method_config=_parse_sets(set_), device=device, dtype=dtype,
+                           device_map=device_map),
                  out / f"{t}-{m}" if several else out) for t in tasks for m in methods]
-        plans = [Run(cfg, d) for cfg, d in runs]
-    adapter = None
-    for k, r in enumerate(plans, 1):
-        if several:
-            console.rule(f"run {k} of {len(plans)}: {r.cfg.method} on {r.cfg.task}")
-        r = Run(r.cfg, r.out, adapter=adapter)
-        with _user_errors():
+        ranks = distributed.Ranks.from_env(shard, device)  # torchrun's ranks, or None
+        for cfg, _ in runs if ranks is not None else ():
+            ranks.check(cfg)  # what cannot be split is refused before any process group or model
+    if ranks is not None and not ranks.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    with _user_errors(), distributed.session(shard, device) as ranks:
+        def make() -> list[Run]:  # may build the bundled benchmark: rank 0 first
+            return [Run(cfg, d) for cfg, d in runs]
+
+        plans = make() if ranks is None else ranks.in_turn(make)
+        adapter = None
+        for k, r in enumerate(plans, 1):
+            if several and (ranks is None or ranks.is_main):
+                console.rule(f"run {k} of {len(plans)}: {r.cfg.method} on {r.cfg.task}")
+            r = Run(r.cfg, r.out, adapter=adapter)
             summary = r.execute()
-        adapter = r.adapter()  # load the model once for every run
-        console.print(summary_line(summary))
-        console.print(f"summary: {r.out / 'summary.json'}")
+            adapter = r.adapter()  # load the model once for every run
+            if ranks is None or ranks.is_main:
+                console.print(summary_line(summary))
+                console.print(f"summary: {r.out / 'summary.json'}")
 
 
 @app.command("report")
@@ -262,13 +291,21 @@ def train_cmd(
     counterfactual: Optional[float] = typer.Option(None, help="fraction of training cases with a wrong "
                                                               "answer as the target (editors)"),
     train_data: Optional[Path] = typer.Option(None, help="MMEdit train file (default: the bundled split)"),
-    image_root: Optional[Path] = typer.Option(None, help="image root of --train-data (default: its folder)"),
+    image_root: Optional[Path] = typer.Option(None, "--train-image-root", "--image-root",
+                                              help="root of the --train-data images (default: its folder)"),
     seed: int = typer.Option(0),
     set_: List[str] = typer.Option([], "--set", help="editor option key=value (repeatable)"),
+    device: Optional[str] = typer.Option(None, help=_DEVICE_HELP + " (editors)"),
+    dtype: str = typer.Option("fp32", help=_DTYPE_HELP + " (editors)"),
+    device_map: Optional[str] = typer.Option(None, help=_DEVICE_MAP_HELP + " (editors)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a trainable component (resumable: a re-run continues from its checkpoints)."""
     _setup_logging(verbose)
+    with _user_errors():  # a bad --device / --dtype / --device-map fails before anything loads
+        from mmke.models.placement import Placement
+
+        Placement(device=device, dtype=dtype, device_map=device_map).resolved_map()
     if what is not None and method is not None:
         raise typer.BadParameter("give either `base` or --method, not both")
     if what is None and method is None:
@@ -282,6 +319,9 @@ def train_cmd(
 
         if replace_bundled and out is not None:
             raise typer.BadParameter("give either --out or --replace-bundled")
+        if device is not None or device_map is not None or dtype != "fp32":
+            raise typer.BadParameter("`mmke train base` trains on the CPU in fp32; --device, --dtype and "
+                                     "--device-map are for editor training (--method)")
         target = WEIGHTS_DIR if replace_bundled else (out or cache_dir() / "trained" / "default-base")
         console.print(f"training the default model's vision tower, projector and LoRA into {target}")
         result = train_base(BaseTrainConfig(steps=steps or 500, seed=seed, out=str(target)))
@@ -297,7 +337,7 @@ def train_cmd(
         cfg = EditorTrainConfig(**{k: v for k, v in given.items() if v is not None})
         meta = train_method(method, task, model, out, cfg, _parse_sets(set_),
                             str(train_data) if train_data else None, str(image_root) if image_root else None,
-                            replace_bundled=replace_bundled)
+                            replace_bundled=replace_bundled, device=device, dtype=dtype, device_map=device_map)
     console.print_json(json.dumps({k: meta[k] for k in ("method", "task", "model", "validation",
                                                          "train_wall_s_total")}))
     where = meta["command"].split(" --out ")[-1] if " --out " in meta["command"] else "the bundled weights"
@@ -323,8 +363,9 @@ def list_cmd(what: str = typer.Argument(..., help="methods, models, tasks, or op
             typer.echo(f"  {name:<18} {json.dumps(default):<22} {doc}")
         return
     table = {"methods": {k: v.description for k, v in METHODS.items()},
-             "models": {k: v.description for k, v in MODELS.items()} | {"hf:<path-or-id>": "any supported "
-                                                                        "Hugging Face VLM (BLIP-2, LLaVA)"},
+             "models": {k: v.description for k, v in MODELS.items()} | {"hf:<path-or-id>": "a Hugging Face VLM: "
+                                                                        "BLIP-2 OPT, LLaVA-1.5/NeXT/OneVision, Qwen2-VL, "
+                                                                        "Qwen2.5-VL, Idefics3, SmolVLM"},
              "tasks": {k: f"{v.title}: {v.description}" for k, v in TASKS.items()}}
     if what not in table:
         typer.secho(f"error: choose one of {', '.join(table)}, options", fg="red", err=True)

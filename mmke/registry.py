@@ -27,6 +27,8 @@ METHODS: dict[str, Entry] = {e.name: e for e in [
     Entry("ft-vision", "mmke.editors.ft:FTVisionEditor", "fine-tune the vision tower and connector on the edit"),
     Entry("ike", "mmke.editors.ike:IKEEditor",
           "in-context editing: the new fact + k=32 retrieved demonstrations after the image (MMEdit reference)"),
+    Entry("ike-prefix", "mmke.editors.ike:IKEPrefixEditor",
+          "mmke's IKE: the same demonstrations before the image, one shared KV cache for a case's five inputs"),
     Entry("t-patcher", "mmke.editors.tpatcher:TPatcherEditor",
           "one new neuron per mistaken target token in the last LM FFN layer (activation + memory losses)"),
     Entry("mend", "mmke.editors.mend:MENDEditor",
@@ -62,19 +64,31 @@ MODELS: dict[str, Entry] = {e.name: e for e in [
           "SmolLM2-135M-Instruct + bundled vision tower (runs on a CPU)"),
     Entry("tiny-blip2", "mmke.models.tiny:tiny_blip2", "random tiny BLIP-2 OPT (tests, no download)"),
     Entry("tiny-llava", "mmke.models.tiny:tiny_llava", "random tiny LLaVA (tests, no download)"),
+    Entry("tiny-minigpt4", "mmke.models.minigpt4:tiny_minigpt4",
+          "random tiny MiniGPT-4 (tests, no download); a real release loads as hf:<folder with minigpt4.json>"),
 ]}
 HF_PREFIX = "hf:"  # --model hf:<local path or hub id> loads through AutoModelForImageTextToText
+# (or, for a folder holding minigpt4.json, as MiniGPT-4 from its release's parts: mmke.models.minigpt4)
 
 
-def load_model(name: str, **kwargs: Any):
-    """Build a model adapter from a registry name or ``hf:<path-or-id>``."""
+def load_model(name: str, *, device: str | None = None, dtype: str = "fp32", device_map: Any = None,
+               **kwargs: Any):
+    """Build a model adapter from a registry name or ``hf:<path-or-id>``, in ``dtype`` (fp32, bf16,
+    fp16) on ``device`` or spread by ``device_map`` (``"auto"``, a dict or a JSON file; accelerate)
+    — see :mod:`mmke.models.placement`. ``hf:`` checkpoints load straight into place; registered
+    models are built on the CPU in fp32, then cast and placed."""
+    from mmke.models.placement import Placement, place_model
+
+    placement = Placement(device=device, dtype=dtype, device_map=device_map)
     if name.startswith(HF_PREFIX):
         from mmke.models.hf import load_hf
 
-        return load_hf(name[len(HF_PREFIX):], **kwargs)
+        return load_hf(name[len(HF_PREFIX):], placement=placement, **kwargs)
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)} or hf:<path-or-hub-id>")
-    return MODELS[name].load()(**kwargs)
+    adapter = MODELS[name].load()(**kwargs)
+    place_model(adapter.model, placement, no_split={type(layer).__name__ for layer in adapter.lm_layers()})
+    return adapter
 
 
 def editor_class(method: str):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from mmke.io import atomic_save_safetensors
 from mmke.paths import cache_dir
+from mmke.progress import quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,12 @@ def minilm_path() -> Path:
 
 @lru_cache(maxsize=1)
 def _encoder():
+    """The packaged MiniLM, loaded once and quietly: no transformers "Loading weights" bar in the
+    middle of mmke's own progress (the setting is restored after)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
+    with quiet_loading():
+        return SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
 
 
 def embed(texts: Sequence[str], *, cache: bool = True) -> torch.Tensor:
@@ -42,6 +46,7 @@ def embed(texts: Sequence[str], *, cache: bool = True) -> torch.Tensor:
         return load_file(str(f))["e"]
     if len(texts) > 256:
         log.info("embedding %d texts with all-MiniLM-L6-v2 (cached afterwards)", len(texts))
+    # show_progress_bar=False: no sentence-transformers "Batches" bar (its default follows the log level)
     e = _encoder().encode(list(texts), batch_size=64, convert_to_tensor=True,
                           normalize_embeddings=True, show_progress_bar=False)
     e = e.float().cpu()

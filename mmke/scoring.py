@@ -21,8 +21,9 @@ locality loss; a null edit gives locality exactly 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, overload
 
 import torch
 from PIL import Image
@@ -69,28 +70,86 @@ def topk_agreement(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) ->
 
 # ---- the five inputs of a case ---------------------------------------------------------------
 def case_inputs(record, task: TaskSpec, load_image: Callable[[str], Image.Image],
-                reference_m_locality: bool = False) -> dict[str, Example]:
-    """The five inputs of one case. Edit targets get a leading space; locality inputs are scored
-    against the pre-edit model at the positions of their gold answer.
+                reference_m_locality: bool = False, kinds: Sequence[str] = INPUT_KINDS) -> dict[str, Example]:
+    """The five inputs of one case (or those of them in ``kinds``). Edit targets get a leading
+    space; locality inputs are scored against the pre-edit model at the positions of their gold
+    answer.
 
     The unrelated-image question is a VQA question in the VQA template (MMEdit's convention, for
     both tasks), except the hard kind — the edit's own question about another image — which keeps
     the task's template (a caption prompt stays a caption prompt). With ``reference_m_locality``
     the M-Locality input scores every text position (the reference implementation's variant) by
-    making the whole question + answer the scored span."""
-    img = load_image(record.image_path)
+    making the whole question + answer the scored span.
+
+    Images are decoded here, on every call, and only those the wanted kinds show (an image path
+    named twice is decoded once): hold the result only while the case is in use.
+    :class:`LazyInputs` gives many records' inputs without holding their images."""
+    want = set(kinds)
+    unknown = want - set(INPUT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown input kinds {sorted(unknown)}; known: {', '.join(INPUT_KINDS)}")
+    decoded: dict = {}
+
+    def image(path) -> Image.Image:
+        if path not in decoded:
+            decoded[path] = load_image(path)
+        return decoded[path]
+
     target = " " + record.alt.strip()
-    m_img = load_image(record.m_loc_path)
-    m_q = task.prompt(record.m_loc_q) if is_hard_m_loc(record) else VQA_TEMPLATE.format(record.m_loc_q)
-    m_loc = (Example("", m_q + " " + record.m_loc_a.strip(), m_img) if reference_m_locality
-             else Example(m_q, " " + record.m_loc_a.strip(), m_img))
-    return {
-        "reliability": Example(task.prompt(record.src), target, img),
-        "t_generality": Example(task.prompt(record.rephrase), target, img),
-        "m_generality": Example(task.prompt(record.src), target, load_image(record.image_rephrase_path)),
-        "t_locality": Example(record.loc, " " + record.loc_ans.strip(), None),
-        "m_locality": m_loc,
-    }
+    out: dict[str, Example] = {}
+    if "reliability" in want:
+        out["reliability"] = Example(task.prompt(record.src), target, image(record.image_path))
+    if "t_generality" in want:
+        out["t_generality"] = Example(task.prompt(record.rephrase), target, image(record.image_path))
+    if "m_generality" in want:
+        out["m_generality"] = Example(task.prompt(record.src), target, image(record.image_rephrase_path))
+    if "t_locality" in want:
+        out["t_locality"] = Example(record.loc, " " + record.loc_ans.strip(), None)
+    if "m_locality" in want:
+        m_q = task.prompt(record.m_loc_q) if is_hard_m_loc(record) else VQA_TEMPLATE.format(record.m_loc_q)
+        m_img = image(record.m_loc_path)
+        out["m_locality"] = (Example("", m_q + " " + record.m_loc_a.strip(), m_img) if reference_m_locality
+                             else Example(m_q, " " + record.m_loc_a.strip(), m_img))
+    return {k: out[k] for k in INPUT_KINDS if k in out}
+
+
+class LazyInputs(Sequence):
+    """The ``kinds`` inputs of many records as one flat sequence (record 0's kinds, then record
+    1's, ...), built by :func:`case_inputs` when an item or a slice is read and not kept: memories
+    built from a train split (locality memories, memory losses) decode a few images at a time
+    instead of holding every record's images for the editor's lifetime."""
+
+    def __init__(self, records: Sequence, task: TaskSpec, load_image: Callable[[str], Image.Image],
+                 kinds: Sequence[str] = ("reliability",)) -> None:
+        unknown = [k for k in kinds if k not in INPUT_KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"LazyInputs: unknown input kinds {unknown or list(kinds)}; "
+                             f"known: {', '.join(INPUT_KINDS)}")
+        self.records, self.task, self.load_image, self.kinds = list(records), task, load_image, tuple(kinds)
+
+    def __len__(self) -> int:
+        return len(self.records) * len(self.kinds)
+
+    @overload
+    def __getitem__(self, i: int) -> Example: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Example]: ...
+
+    def __getitem__(self, i):
+        n = len(self.kinds)
+        if isinstance(i, slice):
+            out, built = [], {}
+            for j in range(*i.indices(len(self))):  # each record's images decoded once per slice
+                r = j // n
+                if r not in built:
+                    built = {r: case_inputs(self.records[r], self.task, self.load_image, kinds=self.kinds)}
+                out.append(built[r][self.kinds[j % n]])
+            return out
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"LazyInputs index {i} out of range for {len(self)} inputs")
+        i %= len(self)
+        kind = self.kinds[i % n]
+        return case_inputs(self.records[i // n], self.task, self.load_image, kinds=(kind,))[kind]
 
 
 # ---- scoring -----------------------------------------------------------------------------------

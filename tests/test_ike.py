@@ -45,7 +45,9 @@ def test_reference_layout(tmp_path, one_thread):
     ed2 = IKEEditor(adapter, IKEConfig(k=2, image_first=False, max_context_tokens=150), train_records=recs, task=vqa)
     h2 = ed2.edit(EditRequest(x, {"src": "what color is the shape?", "alt": "teal"}))
     seen2 = adapter.input_transforms[0](x)
-    assert seen2.context.endswith("Prompt: ") and seen2.prompt == x.prompt
+    # demonstrations before the image (the shared prefix), the query after it, joined to the input
+    assert seen2.context.endswith(demo(new_fact, new_fact)) and "New Fact" not in seen2.context.split("\n\n")[-1]
+    assert seen2.prompt == f"New Fact: {new_fact}\nPrompt: {x.prompt}"
     with torch.no_grad():
         adapter.run([x])
     h2.remove()

@@ -27,6 +27,7 @@ from toydata import write_toy_mmedit
 # small settings: composition, not quality, is under test
 FAST = {
     "ft-lm": {"steps": 3}, "ft-vision": {"steps": 3}, "ike": {"k": 2, "max_context_tokens": 200},
+    "ike-prefix": {"k": 2, "max_context_tokens": 200},
     "t-patcher": {"steps": 5, "memory_size": 4},
     "unike": {"layers": 2, "n_neurons": 3, "steps": 3, "memory_size": 4, "k": 4, "memory_entries": 8},
     "serac": {"lora_layers": [-2, -1]}, "serac-mm": {"lora_layers": [-2, -1]},

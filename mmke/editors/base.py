@@ -90,6 +90,41 @@ class WeightLedger:
         self.model = model
         self.chains: dict[str, list[tuple[int, torch.Tensor]]] = {}  # parameter -> [(edit id, before)]
         self.base: dict[str, torch.Tensor] = {}  # unedited values of parameters whose edits were released
+        # fp32 running values of bf16/fp16 parameters that edits changed: the parameter is its
+        # master cast, so edits below the parameter's precision accumulate instead of vanishing
+        self.masters: dict[str, torch.Tensor] = {}
+
+    def master(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The fp32 value of parameter ``name`` (its master when the parameter is bf16/fp16 and the
+        master still casts to it; else the parameter itself in fp32, a fresh master). An fp32
+        parameter is its own master (returned as is, not copied)."""
+        if param.dtype == torch.float32:
+            return param.data
+        m = self.masters.get(name)
+        if m is None or m.device != param.device or not torch.equal(m.to(param.dtype), param.data):
+            m = param.detach().float().clone()  # changed outside the ledger (e.g. loaded): start over
+            self.masters[name] = m
+        return m
+
+    def set_master(self, name: str, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Set parameter ``name`` to the fp32 ``value``: kept as its master, the parameter its cast."""
+        with torch.no_grad():
+            if param.dtype == torch.float32:
+                param.copy_(value)
+                return
+            self.masters[name] = value.detach().to(param.device, torch.float32).clone()
+            param.copy_(self.masters[name])
+
+    def add_deltas(self, params: dict[str, torch.nn.Parameter], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add fp32 ``deltas`` to ``params`` through their fp32 masters (the sum is formed in fp32
+        and rounded once into the parameter) and return the parameters' values before (for
+        :class:`EditHandle`)."""
+        befores = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                m = self.master(k, p)
+                self.set_master(k, p, m + deltas[k].to(m.device, torch.float32))
+        return befores
 
     @staticmethod
     def of(adapter: ModelAdapter) -> "WeightLedger":
@@ -117,10 +152,13 @@ class WeightLedger:
                 befores = [b for _, b in chain] + [p.detach().clone()]
                 value = befores[i].clone()  # exactly the model before edit i ...
                 later: list[tuple[int, torch.Tensor]] = []
-                for j in range(i + 1, len(chain)):  # ... plus every later edit's delta, in order
-                    later.append((chain[j][0], value.clone()))
-                    value = value + (befores[j + 1] - befores[j])
+                if i + 1 < len(befores) - 1:  # ... plus every later edit's delta, in order, in fp32
+                    value = value.float()
+                    for j in range(i + 1, len(chain)):
+                        later.append((chain[j][0], value.to(p.dtype)))
+                        value = value + (befores[j + 1].float() - befores[j].float())
                 p.copy_(value)
+                self.masters.pop(name, None)  # the parameter is exactly what it now holds
                 self.chains[name] = chain[:i] + later
                 if not self.chains[name]:
                     del self.chains[name]
@@ -148,6 +186,7 @@ class WeightLedger:
                 named[name].copy_(value)
         self.chains.clear()
         self.base.clear()
+        self.masters.clear()
 
 
 class EditHandle:

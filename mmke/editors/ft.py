@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest
+from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, WeightLedger
 from mmke.models.base import target_nll
 
 
@@ -21,7 +21,8 @@ class FTVisionConfig(FTConfig):
 
 
 class FTEditor(Editor):
-    """Gradient descent on the edit loss, restricted to the parameters of ``config.sites``."""
+    """Gradient descent on the edit loss, restricted to the parameters of ``config.sites``. Adam
+    runs on fp32 master copies of bf16/fp16 parameters (mixed precision), each on its own device."""
 
     name = "ft-lm"
     Config = FTConfig
@@ -37,7 +38,12 @@ class FTEditor(Editor):
         flags = {k: p.requires_grad for k, p in params.items()}
         for p in params.values():
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params.values(), lr=cfg.lr)
+        # Adam steps fp32 masters (each on its parameter's device); a bf16/fp16 parameter gets its
+        # master's cast after every step, so small steps accumulate instead of rounding away
+        ledger = WeightLedger.of(self.adapter)
+        masters = {k: torch.nn.Parameter(ledger.master(k, p).clone()) if p.dtype != torch.float32 else p
+                   for k, p in params.items()}
+        opt = torch.optim.Adam(masters.values(), lr=cfg.lr)
         steps_run = 0
         try:
             with torch.enable_grad():
@@ -46,12 +52,25 @@ class FTEditor(Editor):
                     if loss.item() < cfg.stop_loss:
                         break
                     opt.zero_grad()
+                    for k, p in params.items():
+                        if masters[k] is not p:
+                            p.grad = None
                     loss.backward()
+                    for k, p in params.items():
+                        if masters[k] is not p and p.grad is not None:
+                            masters[k].grad = p.grad.float()
                     opt.step()
+                    with torch.no_grad():
+                        for k, p in params.items():
+                            if masters[k] is not p:
+                                p.copy_(masters[k])
         finally:
             for k, p in params.items():
                 p.requires_grad_(flags[k])
                 p.grad = None
+        for k, p in params.items():
+            if masters[k] is not p:
+                ledger.set_master(k, p, masters[k].detach())
         new = {k: p.detach().clone() for k, p in params.items()}
         return EditHandle(self.adapter, self.name, params=originals, tensors=new,
                           meta={"steps": steps_run, "sites": cfg.sites})

@@ -55,6 +55,7 @@ import torch
 from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, read_saved_edit
 from mmke.editors.tail import TailRunner
 from mmke.models.base import ModelAdapter, target_nll, target_positions
+from mmke.models.placement import module_device
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ class GraceEditor(Editor):
                 init = probe["out"].cpu()
             else:
                 init = torch.rand(probe["out"].shape[-1], generator=torch.Generator().manual_seed(cfg.seed))
-            value = torch.nn.Parameter(init.to(self.adapter.device))
+            # trained in fp32 on the wrapped layer's device
+            value = torch.nn.Parameter(init.float().to(module_device(self.adapter.site(f"lm.ffn_value.{self.layer}"))))
             opt = torch.optim.Adam([value], lr=cfg.lr)
             steps, fixed = 0, False
             book.training = (value, cache.labels)

@@ -31,9 +31,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from mmke.editors.base import EditHandle, EditRequest
+from mmke.editors.base import EditHandle, EditRequest, WeightLedger
 from mmke.editors.trained import TrainedEditor, TrainedEditorConfig
 from mmke.models.base import Example, ModelAdapter, TargetView, kl_at_targets, target_nll
+from mmke.models.placement import module_device
 
 
 def last_ffn_sites(adapter: ModelAdapter, n: int = 3) -> list[str]:
@@ -155,11 +156,12 @@ class LowRank:
     right: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x dW^T without forming dW: x [..., in] -> [..., out]."""
-        return (x @ self.right.to(x.dtype).T) @ self.left.to(x.dtype).T
+        """x dW^T without forming dW: x [..., in] -> [..., out] (on x's device, in x's dtype)."""
+        return (x @ self.right.to(x.device, x.dtype).T) @ self.left.to(x.device, x.dtype).T
 
     def dense(self) -> torch.Tensor:
-        return self.left @ self.right
+        """dW [out, in], in fp32."""
+        return self.left.float() @ self.right.float()
 
 
 # ---- the training objective ---------------------------------------------------------------------
@@ -210,9 +212,16 @@ class HyperNetEditor(TrainedEditor):
         """Weight update per site name, differentiable in ``self.module``."""
         raise NotImplementedError
 
+    def home_device(self) -> torch.device:
+        return module_device(self.sites[0].module)
+
     def updates_for(self, request: EditRequest) -> tuple[dict[str, LowRank], torch.Tensor]:
-        """The update of an edit request, and the edit loss before it."""
+        """The update of an edit request, and the edit loss before it. The captured factors are
+        moved to the hyper-network's device (sites may sit on other devices) and taken in fp32."""
         grads = capture(self.adapter, self.sites, request.example)
+        dev = self.device
+        grads.captured = {k: Captured(c.u.to(dev, torch.float32), c.delta.to(dev, torch.float32))
+                          for k, c in grads.captured.items()}
         return self.updates(grads, request), grads.loss
 
     def locality_inputs(self, inputs: dict[str, Example]) -> list[Example]:
@@ -244,9 +253,9 @@ class HyperNetEditor(TrainedEditor):
         with torch.no_grad():
             ups, loss = self.updates_for(request)
             params = weight_params(self.adapter, self.sites)
-            originals = {k: p.detach().clone() for k, p in params.items()}
-            for s in self.sites:
-                params[s.name + ".weight"].add_(ups[s.name].dense().to(params[s.name + ".weight"].dtype))
+            # the update in fp32 on each weight's device, added through the weight's fp32 master
+            deltas = {s.name + ".weight": ups[s.name].dense().float() for s in self.sites}
+            originals = WeightLedger.of(self.adapter).add_deltas(params, deltas)
             new = {k: p.detach().clone() for k, p in params.items()}
         return EditHandle(self.adapter, self.name, params=originals, tensors=new,
                           meta={"sites": [s.name for s in self.sites], "pre_edit_nll": loss.item()})

@@ -16,8 +16,13 @@ edit's copy demonstration and the latest new fact): IKE's memory is its context,
   followed by the edit's own copy demonstration.
 - **Input**: ``"".join(demonstrations) + "New Fact: {edit prompt} {edit answer}\\nPrompt: {input}"``,
   scored on ``" " + target``. The image comes first, before all of this text, as in the reference
-  for BLIP-2 and MiniGPT-4 (``image_first``); ``image_first=False`` puts the text before the image
-  instead (mmke's layout: the five inputs of a case then share one KV cache of the demonstrations).
+  for BLIP-2 and MiniGPT-4 (``image_first``). ``image_first=False`` is mmke's layout: the
+  demonstrations go before the image (``Example.context``), the query ``"New Fact: ...\\nPrompt:
+  {input}"`` after it, so the five inputs of a case share one prefix whose KV cache adapters
+  compute once (the default model and the ``hf:`` families).
+
+In both layouts the query and the input are one piece of text, tokenised together: the input's
+first word carries its leading space exactly as in the demonstrations (``Prompt: Question: ...``).
 
 Prompts are in the task's template (``"Question: {} Short answer:"`` for VQA), as every method's
 inputs are in mmke's protocol; the reference feeds the raw question. Demonstrations that would not
@@ -40,7 +45,7 @@ log = logging.getLogger(__name__)
 
 class IKEConfig(EditorConfig):
     k: int = 32
-    image_first: bool = True  # the reference's layout; False: demonstrations before the image
+    image_first: bool = True  # the reference's layout; False: demonstrations before the image, query after
     max_context_tokens: int | None = None  # default: the model's context minus room for the input
 
 
@@ -81,16 +86,18 @@ class IKEEditor(Editor):
     def _context(self, record: dict[str, Any], indices: list[int]) -> tuple[str, int]:
         """The demonstrations (most similar first), the edit's copy demonstration and the new fact,
         ending in "Prompt: " so that the input follows; and how many demonstrations fitted."""
-        ctx, used = self._joint_context([(record, indices)])
-        return ctx, used[0]
+        demos, query, used = self._joint_context([(record, indices)])
+        return demos + query, used[0]
 
-    def _joint_context(self, edits: list[tuple[dict[str, Any], list[int]]]) -> tuple[str, list[int]]:
-        """The context of several active edits (sequential editing: IKE's memory is its context):
-        every edit's demonstrations, each edit's share of the token budget (most similar first),
-        then every edit's copy demonstration, then "New Fact: {the latest edit's fact}\nPrompt: ".
-        With one edit this is exactly the single-edit context."""
+    def _joint_context(self, edits: list[tuple[dict[str, Any], list[int]]]) -> tuple[str, str, list[int]]:
+        """The context of several active edits (sequential editing: IKE's memory is its context),
+        as (demonstrations, query head, demonstrations used per edit): every edit's demonstrations,
+        each edit's share of the token budget (most similar first), then every edit's copy
+        demonstration; the query head "New Fact: {the latest edit's fact}\nPrompt: " that the input
+        follows. With one edit this is exactly the single-edit context."""
         facts = [self._new_fact(r) for r, _ in edits]
-        tail = "".join(demo(nf, nf) for nf in facts) + f"New Fact: {facts[-1]}\nPrompt: "
+        query = f"New Fact: {facts[-1]}\nPrompt: "
+        tail = "".join(demo(nf, nf) for nf in facts) + query
         budget = self.config.max_context_tokens or max(self.adapter.max_length - 256, 64)
         tok = self.adapter.tokenizer
         share = (budget - len(tok(tail, add_special_tokens=False).input_ids)) / len(edits)
@@ -108,7 +115,7 @@ class IKEEditor(Editor):
                 used += n
             parts.append("".join(demos))
             used_n.append(len(demos))
-        return "".join(parts) + tail, used_n
+        return "".join(parts) + tail[: -len(query)], query, used_n
 
     def _install(self, meta: dict[str, Any]) -> EditHandle:
         """Add an edit to the active ones; one input transform serves them all."""
@@ -128,14 +135,14 @@ class IKEEditor(Editor):
             self._transform = None
         if not self._active:
             return
-        ctx, used = self._joint_context(self._active)
+        demos, query, used = self._joint_context(self._active)
         self._active[-1][0]["n_demos_used"] = used[-1]
         if self.config.image_first:
             def transform(ex: Example) -> Example:  # text after the image: part of the prompt
-                return replace(ex, prompt=ctx + ex.prompt)
+                return replace(ex, prompt=demos + query + ex.prompt)
         else:
-            def transform(ex: Example) -> Example:  # text before the image: the shared context
-                return replace(ex, context=ctx + ex.context)
+            def transform(ex: Example) -> Example:  # demonstrations before the image, query after it
+                return replace(ex, prompt=query + ex.prompt, context=demos + ex.context)
 
         self._transform = transform
         self.adapter.input_transforms.append(transform)
@@ -155,3 +162,16 @@ class IKEEditor(Editor):
         if method != self.name:
             raise ValueError(f"{path}: saved by editor {method!r}, not {self.name!r}")
         return self._install(meta)
+
+
+class IKEPrefixConfig(IKEConfig):
+    image_first: bool = False
+
+
+class IKEPrefixEditor(IKEEditor):
+    """mmke's IKE: the same demonstrations and query, but the demonstrations go before the image
+    (``image_first=False``) so that the five inputs of a case share one prefix whose KV cache is
+    computed once. The published layout (image first) stays ``ike``."""
+
+    name = "ike-prefix"
+    Config = IKEPrefixConfig

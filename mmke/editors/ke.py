@@ -141,7 +141,7 @@ class KEEditor(HyperNetEditor):
         pred = self.adapter.tokenizer.decode(grads.pred_ids.tolist(), skip_special_tokens=True).strip()
         text = condition_text(request, pred)
         ids = self.adapter.tokenizer(text, truncation=True, max_length=self.config.max_cond_tokens).input_ids
-        return torch.tensor(ids, dtype=torch.long, device=self.adapter.device)
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def condition(self, request: EditRequest, grads: EditGradients) -> torch.Tensor:
         """The condition vector of an edit: a function of its text only."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, rea
 from mmke.editors.patch import BankedPatches, FFNPatch, PatchHooks, ffn_input_dim
 from mmke.editors.tail import TailRunner
 from mmke.models.base import Example, target_nll, target_positions
+from mmke.models.placement import module_device
+from mmke.scoring import LazyInputs
+from mmke.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +112,17 @@ class TPatcherEditor(Editor):
         self.hidden = ffn_input_dim(adapter, self.layer)
         self.runner = TailRunner(adapter, self.layer)
         self._memory_q: torch.Tensor | None = None
-        self._memory_src: list[Example] = []
+        self._memory_src: Sequence[Example] = []
         if train_records:
-            tmpl = task.prompt if task is not None else (lambda s: s)
-            self._memory_src = [Example(tmpl(r.src), " " + r.alt.strip(), adapter.load_image(r.image_path))
-                                for r in train_records[: self.config.memory_size]]
+            # decoded one at a time when the memory is first built, never all held at once
+            # (without a task the prompt is used as is, as the caption template does)
+            self._memory_src = LazyInputs(train_records[: self.config.memory_size], task or TASKS["caption"],
+                                          adapter.load_image, ("reliability",))
         else:
             log.warning("t-patcher: no train records, so no memory loss (the patch may fire elsewhere)")
+
+    def layer_device(self) -> torch.device:
+        return module_device(self.adapter.site(f"lm.ffn_key.{self.layer}"))
 
     @torch.no_grad()
     def ffn_inputs(self, examples: list[Example]) -> torch.Tensor:
@@ -129,7 +136,7 @@ class TPatcherEditor(Editor):
                 self.adapter.run([ex])
         finally:
             h.remove()
-        return torch.cat(got, 0).float()
+        return torch.cat([g.to(self.layer_device()) for g in got], 0).float()
 
     def memory(self) -> torch.Tensor | None:
         if self._memory_q is None and self._memory_src:
@@ -152,7 +159,7 @@ class TPatcherEditor(Editor):
         finally:
             hook.remove()
         q = box["q"].reshape(*cache.labels.shape, -1)  # [1, T, H] (OPT flattens tokens before fc1)
-        return cache, err, q[0, err].float()
+        return cache, err, q[0, err.to(q.device)].float()
 
     def edit(self, request: EditRequest) -> EditHandle:
         cfg = self.config
@@ -161,7 +168,8 @@ class TPatcherEditor(Editor):
             return EditHandle(self.adapter, self.name, undo=lambda: None, tensors={},
                               meta={"layer": self.layer, "neurons": 0, "steps": 0})
         n = len(err)
-        patch = AmplifiedPatch(q.cpu(), cfg.amplify, cfg.seed).to(self.adapter.device)
+        # fp32 neurons on the patched layer's device (the forward casts them to the layer's dtype)
+        patch = AmplifiedPatch(q.cpu(), cfg.amplify, cfg.seed).to(self.layer_device())
         hooks = PatchHooks(self.adapter, {self.layer: patch})
         mem = self.memory()
         opt = torch.optim.Adam(patch.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -203,7 +211,8 @@ class TPatcherEditor(Editor):
             raise ValueError(f"{path}: saved by editor {method!r}, not {self.name!r}")
         if not t:  # an edit that needed no neuron
             return EditHandle(self.adapter, self.name, undo=lambda: None, tensors={}, meta=meta)
-        patch = FFNPatch(t["key"].shape[0], t["key"].shape[1], act=F.relu).to(self.adapter.device)
+        patch = FFNPatch(t["key"].shape[0], t["key"].shape[1], act=F.relu).to(
+            module_device(self.adapter.site(f"lm.ffn_key.{int(meta['layer'])}")))
         with torch.no_grad():
             patch.key.copy_(t["key"])
             patch.bias.copy_(t["bias"])

@@ -25,6 +25,7 @@ from torch import nn
 
 from mmke.editors.base import Editor, EditorConfig
 from mmke.io import atomic_save_safetensors, atomic_write_json
+from mmke.models.placement import module_device
 from mmke.paths import ASSETS
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class TrainedEditor(Editor):
         self.task = task
         self.train_records = train_records or []
         self.model_name = model_name or adapter.name
-        self.module = self.build_module().to(adapter.device)
+        self.module = self.build_module().to(self.home_device())
         self.weights_meta: dict[str, Any] = {}
         if not untrained:
             self.weights_meta = load_module_weights(self.weights_dir(), self.module)
@@ -114,6 +115,16 @@ class TrainedEditor(Editor):
                             self.weights_dir(), trained_for, self.model_name)
         self.module.eval()
         self.module.requires_grad_(False)
+
+    def home_device(self) -> torch.device:
+        """Where the learned module lives: by default the device of the LM's last layer (where the
+        states it reads end up). Inputs from other devices are moved to it where they meet it."""
+        return module_device(self.adapter.lm_layers()[-1])
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the learned module."""
+        return module_device(self.module)
 
     # ---- what a trainable method implements -------------------------------------------
     @abstractmethod

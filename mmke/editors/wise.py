@@ -58,6 +58,7 @@ from mmke.editors.base import EditHandle, Editor, EditorConfig, EditRequest, rea
 from mmke.editors.grace import TappedHook, as_rows, label_tap, resolve_layer
 from mmke.editors.tail import TailRunner
 from mmke.models.base import Example, ModelAdapter, target_nll, target_positions
+from mmke.models.placement import module_device
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ class WiseEditor(Editor):
                 picks = rng.sample(self._irrelevant, min(self.config.n_pool, len(self._irrelevant)))
                 exs = [Example(p, t, self.adapter.load_image(i) if i else None) for p, t, i in picks]
                 at, mask = self._value_inputs(mem, exs)
-                self._pool[mem.layer] = (at.to(self.adapter.device), mask.to(self.adapter.device))
+                dev = module_device(mem.site)
+                self._pool[mem.layer] = (at.to(dev), mask.to(dev))
         return self._pool[mem.layer]
 
     def edit(self, request: EditRequest) -> EditHandle:
@@ -288,9 +290,10 @@ class WiseEditor(Editor):
             h.remove()
         a_e, m_e = target_rows(as_rows(got[0], cache.labels), cache.labels)
         before = mem.shard_weight(shard)
-        mask = mem.mask(shard).to(self.adapter.device)
-        main = mem.main.to(self.adapter.device)
-        w = torch.nn.Parameter(before.clone().to(self.adapter.device))
+        dev = module_device(mem.site)  # the side memory trains in fp32 on its layer's device
+        mask = mem.mask(shard).to(dev)
+        main = mem.main.to(dev)
+        w = torch.nn.Parameter(before.clone().to(dev))
         steps, fixed, lact = 0, False, 0.0
         mem._install()
         mem.training = (w, cache.labels)

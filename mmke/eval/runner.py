@@ -7,10 +7,12 @@ Composes a model adapter, an editor and MMEdit records; none of them imports thi
 A run directory holds ``run.json`` (the resolved configuration and the provenance of its inputs:
 library versions, model digest, editor-weights digest, data digests and benchmark hash),
 ``cases.jsonl`` (durable lines: a group's scored cases are written together once the group is done,
-so a killed run resumes at the first unfinished group) and ``summary.json``. Everything is validated
-and loaded before the directory is created or touched, so a failed start leaves nothing behind; a
-re-run with the same command resumes, and one whose inputs changed (another model, other editor
-weights, other data, other library versions) is refused with a message that says what changed.
+so a killed run resumes at the first unfinished group; under torchrun each rank writes its own
+shard under ``shards/`` and rank 0 merges them, :mod:`mmke.eval.distributed`) and ``summary.json``.
+Everything is validated and loaded before the directory is created or touched, so a failed start
+leaves nothing behind; a re-run with the same command resumes, and one whose inputs changed
+(another model, other editor weights, other data, other library versions) is refused with a
+message that says what changed.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mmke.data.bundled import benchmark_of
 from mmke.data.schema import is_hard_m_loc
 from mmke.editors.base import EditRequest, WeightLedger
+from mmke.eval import distributed
 from mmke.eval.settings import Case, Group, groups, interleave, parse_checkpoints
 from mmke.eval.stats import bootstrap_ci
 from mmke.eval.store import CaseStore
 from mmke.io import atomic_write_json, file_digest
 from mmke.models.base import state_digest
+from mmke.models.placement import placement_record
 from mmke.progress import progress
 from mmke.registry import HF_PREFIX, MODELS, editor_class, load_model
 from mmke.scoring import (EDIT_METRICS, HARD_M_LOCALITY, METRICS, CaseOutputs, case_inputs,
@@ -45,6 +49,7 @@ from mmke.tasks import TASKS
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+PLACEMENT_FIELDS = ("device", "device_map")  # RunConfig fields outside a run's identity
 
 
 class RunConfig(BaseModel):
@@ -57,6 +62,9 @@ class RunConfig(BaseModel):
     method: str = "ft-lm"
     data: str | None = None  # MMEdit eval file; default: the bundled benchmark's
     train_data: str | None = None  # MMEdit train file (IKE demonstrations); default: bundled
+    # root of the train file's `image` and `m_loc` paths (and of `image_rephrase` unless
+    # rephrase_image_root is given); default: image_root
+    train_image_root: str | None = None
     image_root: str | None = None
     rephrase_image_root: str | None = None
     limit: int | None = Field(None, ge=1)  # cases per task (lifelong: the stream is K cases)
@@ -68,6 +76,18 @@ class RunConfig(BaseModel):
     checkpoints: tuple[int, ...] = ()  # lifelong: score after these numbers of edits (K always)
     probes: int = Field(100, ge=1)  # lifelong: locality probe cases (the first of the stream)
     method_config: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the model's weights (part of the run's identity)
+    # where the model runs (recorded in provenance, not part of the identity): one device, or a
+    # device map ("auto" or a JSON file of module -> device); mutually exclusive
+    device: str | None = None
+    device_map: str | None = None
+
+    @model_validator(mode="after")
+    def _placement(self):
+        from mmke.models.placement import Placement
+
+        Placement(device=self.device, dtype=self.dtype, device_map=self.device_map).resolved_map()
+        return self
 
     @field_validator("task")
     @classmethod
@@ -142,8 +162,12 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
 
     bench = ensure_benchmark(default_benchmark_dir())
     eval_f, train_f = TASKS[cfg.editor_task].files()
-    return cfg.model_copy(update={"data": str(bench / eval_f), "train_data": str(bench / train_f),
-                                  "image_root": str(bench), "rephrase_image_root": None})
+    update = {"data": str(bench / eval_f), "train_data": str(bench / train_f),
+              "image_root": str(bench), "rephrase_image_root": None}
+    if cfg.train_data is not None:  # the user's train file beside the bundled eval split
+        update.update(train_data=cfg.train_data,
+                      train_image_root=cfg.train_image_root or str(Path(cfg.train_data).parent))
+    return cfg.model_copy(update=update)
 
 
 def task_data(cfg: RunConfig) -> dict[str, str]:
@@ -173,6 +197,7 @@ class Run:
         self.cfg = resolve_data(cfg)
         self.out = Path(out)
         self._adapter = adapter
+        self._held: tuple[str, dict] | None = None  # (key, inputs) of the case a one-case group holds
 
     # ---- pieces ----------------------------------------------------------------------
     def load_records(self, task: str | None = None):
@@ -207,28 +232,49 @@ class Run:
 
     def adapter(self):
         if self._adapter is None:
-            self._adapter = load_model(self.cfg.model)
+            self._adapter = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype,
+                                       device_map=self.cfg.device_map)
         return self._adapter
 
     def editor(self, adapter):
+        """The method's editor; the train split is read only for a method that declares it reads it
+        (:meth:`~mmke.editors.base.Editor.uses_train_records`), its images never decoded here."""
         cls = editor_class(self.cfg.method)
         config = cls.Config(**self.cfg.method_config)
         context: dict[str, Any] = {"task": TASKS[self.cfg.editor_task], "model_name": self.cfg.model}
         if self.cfg.train_data and cls.uses_train_records(config):
-            from mmke.data.schema import load_records
-
-            context["train_records"] = load_records(
-                self.cfg.train_data, self.cfg.image_root, self.cfg.rephrase_image_root,
-                skip_invalid=True, check_images=False).records
+            context["train_records"] = self.train_records()
         return cls(adapter, config, **context)
+
+    def train_records(self) -> list:
+        """The train split's valid records (invalid ones skipped with a warning), their images
+        resolved against --train-image-root (default: --image-root) and confined to it."""
+        from mmke.data.schema import DataError, load_records
+
+        cfg = self.cfg
+        root = cfg.train_image_root or cfg.image_root
+        try:
+            records = load_records(cfg.train_data, root, cfg.rephrase_image_root or root,
+                                   skip_invalid=True, check_images=False).records
+        except DataError as e:  # a file-level problem: say which option names the file and who reads it
+            raise DataError(e.file, e.index, e.field, f"{e.problem} (--train-data: the train split "
+                                                      f"{cfg.method} reads)") from None
+        if records and not records[0].image_path.is_file():  # images are not checked one by one here
+            log.warning("%s: record %d's image %s does not exist: the train split's images resolve against "
+                        "--train-image-root (default: --image-root); a method that reads them will fail",
+                        cfg.train_data, records[0].index, records[0].image_path)
+        return records
 
     def provenance(self, adapter, editor) -> dict[str, Any]:
         """What the numbers depend on besides the configuration (checked on resume)."""
         return {"versions": library_versions(), "model_digest": state_digest(adapter.model)[:16],
                 "editor_weights_digest": editor.weights_digest(),
                 "data_digest": "+".join(file_digest(f) for f in task_data(self.cfg).values()),
-                "train_data_digest": file_digest(self.cfg.train_data),
-                "benchmark": benchmark_of(self.cfg.data)}
+                # only a method that reads the train split depends on it (the others never open it)
+                "train_data_digest": (file_digest(self.cfg.train_data)
+                                      if editor.uses_train_records(editor.config) else None),
+                "benchmark": benchmark_of(self.cfg.data),
+                "placement": placement_record(adapter.model)}  # where it ran: recorded, not compared
 
     def open(self, provenance: dict[str, Any]) -> CaseStore:
         """Create the run directory, or check that an existing one holds this very run."""
@@ -246,8 +292,13 @@ class Run:
         return CaseStore(self.out / "cases.jsonl")
 
     # ---- the protocol ----------------------------------------------------------------
-    def inputs(self, adapter, case: Case) -> dict:
-        return case_inputs(case.record, TASKS[case.task], adapter.load_image, self.cfg.m_locality != "top1")
+    def inputs(self, adapter, case: Case, kinds: tuple[str, ...] = METRICS) -> dict:
+        """A case's inputs (of ``kinds``), its images decoded now and let go with the returned dict;
+        the case a one-step group holds (:meth:`run_group`) is decoded once for all its uses."""
+        if self._held is not None and self._held[0] == case.key:
+            return {k: self._held[1][k] for k in kinds}
+        return case_inputs(case.record, TASKS[case.task], adapter.load_image, self.cfg.m_locality != "top1",
+                           kinds=kinds)
 
     @property
     def topk(self) -> int:
@@ -271,33 +322,67 @@ class Run:
         return f"cp{n}:{key}" if group.lifelong else key
 
     def execute(self) -> dict[str, Any]:
+        """Run the groups not done yet, then summarise. Under torchrun (:mod:`mmke.eval.distributed`)
+        this rank runs its share of them into its own shard and rank 0 merges and summarises."""
         t0 = time.time()
+        ranks = distributed.current()
+        if ranks is not None:
+            ranks.check(self.cfg)
+            self.cfg = ranks.placed(self.cfg)  # this rank's GPU when no --device is given
         cases, n_skipped = self.stream()
         if not cases:
             raise ValueError(f"{self.cfg.data}: no valid records to evaluate")
         adapter = self.adapter()
         editor = self.editor(adapter)
-        store = self.open(self.provenance(adapter, editor))
+        provenance = self.provenance(adapter, editor)
+        if ranks is None:
+            store = self.open(provenance)
+        else:  # rank 0 creates the directory; the others then check it holds their very run
+            def open_shared() -> CaseStore:
+                ranks.check_shared_dir(self.out, RUN_FILE)
+                return self.open(provenance)
+
+            store = ranks.in_turn(open_shared)
         cfg = self.cfg
         plan = groups(cfg.setting, cases, cfg.k, cfg.checkpoints, cfg.probes)
+        order = [] if cfg.setting == "lifelong" else [c.key for g in plan for c in g.cases]
+        if ranks is not None:
+            store = distributed.ShardedStore(self.out, ranks.rank, store)
+        elif distributed.has_shards(self.out):  # left by a torchrun run killed before its merge
+            store = distributed.merge_shards(self.out, order)
         todo = [g for g in plan if not self._done(g, store, g.checkpoints[-1])]
         if len(todo) < len(plan):
             log.info("resuming: %d of %d groups already done", len(plan) - len(todo), len(plan))
+        n_todo = len(todo)
+        if ranks is not None:
+            ranks.barrier()  # every rank has read the results before any rank writes
+            todo = ranks.share(todo)
         # one-step checks its restores cheaply (hooks, transforms); longer groups by the weights' digest
         self._strict, self._original = cfg.setting != "one-step", None
         with progress() as bar:
             unit = "one-step edits" if cfg.setting == "one-step" else f"{cfg.setting} edits (K = {cfg.k})"
-            ptask = bar.add_task(f"{cfg.method} {unit}", total=len(cases),
-                                 completed=sum(len(g.cases) for g in plan if g not in todo))
+            if ranks is None:
+                ptask = bar.add_task(f"{cfg.method} {unit}", total=len(cases),
+                                     completed=sum(len(g.cases) for g in plan if g not in todo))
+            else:
+                ptask = bar.add_task(f"{cfg.method} {unit}, rank {ranks.rank}'s {len(todo)} of {n_todo} groups "
+                                     f"({ranks.world} ranks)", total=sum(len(g.cases) for g in todo))
             for g in todo:
                 self.run_group(adapter, editor, store, g, bar, ptask)
                 self.verify(adapter, self._original, g)
-        return self.summarise(store, plan, n_skipped, time.time() - t0)
+        if ranks is None:
+            return self.summarise(store, plan, n_skipped, time.time() - t0)
+        return distributed.finish(ranks, self.out, order, lambda merged: self.summarise(
+            merged, plan, n_skipped, time.time() - t0, extra={"distributed": ranks.info()}))
 
     def run_group(self, adapter, editor, store: CaseStore, g: Group, bar, ptask) -> None:
         """Unedited outputs, the group's edits one after another, scoring at its checkpoints,
         then every edit removed. Scored rows are written once per checkpoint."""
         cfg = self.cfg
+        # a one-case group decodes its images once, for its unedited outputs, edit and scoring; a
+        # longer group decodes a case's images at each use, so memory never grows with K
+        one = len(g.cases) == 1 and not g.lifelong
+        self._held = (g.cases[0].key, self.inputs(adapter, g.cases[0])) if one else None
         pre = (self.pre_edit(adapter, g.probes, "unedited outputs of the locality probes")
                if g.lifelong else {c.key: run_case(adapter, self.inputs(adapter, c), self.topk) for c in g.cases})
         if self._original is None:  # after a forward: a model may install its own hooks on first use
@@ -305,10 +390,11 @@ class Run:
         handles, edit_s, metas = [], {}, {}
         try:
             for i, c in enumerate(g.cases, 1):
-                x = self.inputs(adapter, c)
+                x = self.inputs(adapter, c, ("reliability",))["reliability"]  # the edit's input only
                 torch.manual_seed(cfg.seed)
                 ts = time.perf_counter()
-                h = editor.edit(EditRequest(x["reliability"], c.record.to_dict()))
+                h = editor.edit(EditRequest(x, c.record.to_dict()))
+                del x  # let its image go before the next case's is decoded
                 edit_s[c.key] = time.perf_counter() - ts
                 metas[c.key] = h.meta
                 handles.append(h)
@@ -321,6 +407,7 @@ class Run:
                 if i in g.checkpoints and not self._done(g, store, i):
                     self.score(adapter, store, g, i, pre, edit_s, metas)
         finally:
+            self._held = None
             for h in reversed(handles):
                 if not h.released:
                     h.remove()
@@ -336,10 +423,9 @@ class Run:
             for s in scored:
                 c = s.case
                 tv = time.perf_counter()
-                x = self.inputs(adapter, c)
-                if c.key not in pre:  # a lifelong edit that is no probe: its edit inputs only
-                    x = {k: x[k] for k in EDIT_METRICS}
-                post = run_case(adapter, x, self.topk)  # the same batch as its unedited outputs
+                # a lifelong edit that is no probe: its edit inputs only; the images go with the call
+                post = run_case(adapter, self.inputs(adapter, c, METRICS if c.key in pre else EDIT_METRICS),
+                                self.topk)  # the same batch as its unedited outputs
                 m, e = case_metrics(pre.get(c.key, {}), post, ref)
                 row = {"key": self._row_key(g, n, c.key), "index": c.record.index, "task": c.task,
                        "metrics": {k: m[k] for k in s.metrics}, "metrics_exact_match": {k: e[k] for k in s.metrics},
@@ -370,7 +456,8 @@ class Run:
             raise RuntimeError(f"{self.cfg.method}: after removing the edits of group {g.index + 1} the model is not "
                                f"the original: {'; '.join(left)} — the editor's remove() is incomplete")
 
-    def summarise(self, store: CaseStore, plan: list[Group], n_skipped: int, elapsed: float) -> dict[str, Any]:
+    def summarise(self, store: CaseStore, plan: list[Group], n_skipped: int, elapsed: float,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = self.cfg
         run = json.loads((self.out / RUN_FILE).read_text())
         summary: dict[str, Any] = {"model": cfg.model, "task": cfg.task, "method": cfg.method,
@@ -397,6 +484,7 @@ class Run:
         })
         if cfg.setting == "lifelong":
             summary["timing"]["total_s"] = elapsed
+        summary.update(extra or {})
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 
@@ -504,13 +592,23 @@ def check_same_run(out: Path, old: dict[str, Any], mine: dict[str, Any]) -> None
     # a run written before the settings existed was a one-step run
     if oc and "setting" not in oc and "setting" in mc:
         oc = {**oc, "setting": "one-step", "k": 1, "checkpoints": [], "probes": 100}
+    if oc and "dtype" not in oc and "dtype" in mc:  # written before --dtype existed: fp32
+        oc = {**oc, "dtype": "fp32"}
+    if oc and "train_image_root" not in oc and "train_image_root" in mc:  # written before the option existed
+        oc = {**oc, "train_image_root": None}
+    # where a run computes (device, device map) is not what it computes: a run may resume elsewhere
+    oc = {k: v for k, v in oc.items() if k not in PLACEMENT_FIELDS}
+    mc = {k: v for k, v in mc.items() if k not in PLACEMENT_FIELDS}
     if oc != mc:
         diff = sorted(k for k in set(oc) | set(mc) if oc.get(k) != mc.get(k))
         raise ValueError(f"{out} holds a run with a different configuration (differs in: "
                          f"{', '.join(diff)}); use another --out or delete the directory")
     op, mp = old.get("provenance", {}), mine["provenance"]
     changed = []
-    for k in sorted(set(op) | set(mp)):
+    # where it ran is not compared; nor the train file, for a method that does not read it (a run
+    # made before such methods stopped hashing it holds its digest)
+    ignored = {"placement"} | ({"train_data_digest"} if mp.get("train_data_digest") is None else set())
+    for k in sorted((set(op) | set(mp)) - ignored):
         if op.get(k) != mp.get(k):
             a, b = op.get(k), mp.get(k)
             if isinstance(a, dict) and isinstance(b, dict):

@@ -23,17 +23,9 @@ class CaseStore:
             self._recover()
 
     def _recover(self) -> None:
-        good_bytes = 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break  # partial line from an interrupted write
-                try:
-                    row = json.loads(raw)
-                except json.JSONDecodeError:
-                    break
-                self.done[row["key"]] = row
-                good_bytes += len(raw)
+        rows, good_bytes = read_rows(self.path)
+        for row in rows:
+            self.done[row["key"]] = row
         if good_bytes != self.path.stat().st_size:
             log.warning("%s: dropping a partial last line left by an interrupted run", self.path)
             with open(self.path, "r+b") as f:
@@ -67,3 +59,20 @@ class CaseStore:
 
     def rows(self) -> list[dict[str, Any]]:
         return sorted(self.done.values(), key=lambda r: r["index"])
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The complete rows of a store file, in file order, and the number of bytes they take; stops
+    at a partial or unreadable line (an interrupted write). Reads only: the file is not changed."""
+    rows, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # partial line from an interrupted write
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            rows.append(row)
+            good_bytes += len(raw)
+    return rows, good_bytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -21,8 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from mmke.models.base import Batch, Example, ModelAdapter, TargetView, head_at_targets
+from mmke.models.base import Batch, Example, ModelAdapter, TargetView, has_editor_hooks, head_at_targets
 from mmke.paths import ASSETS, cache_dir
+from mmke.progress import quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +134,9 @@ class DefaultVLM(nn.Module):
               pixel_values: torch.Tensor | None) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            vis = self.projector(self.vision(pixel_values))  # [B_img, N_VIS, H]
-            emb = emb.masked_scatter(vis_mask.unsqueeze(-1), vis.to(emb.dtype))
+            w = self.vision.conv[0].weight  # pixels in the tower's dtype, on its device
+            vis = self.projector(self.vision(pixel_values.to(w.device, w.dtype)))  # [B_img, N_VIS, H]
+            emb = emb.masked_scatter(vis_mask.unsqueeze(-1).to(emb.device), vis.to(emb.device, emb.dtype))
         return emb
 
     def hidden(self, input_ids, attention_mask, vis_mask, pixel_values=None,
@@ -146,11 +149,14 @@ class DefaultVLM(nn.Module):
             return self.lm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         P = prefix_len
         pre = self.lm.model(inputs_embeds=emb[:1, :P], use_cache=True)
-        cache = pre.past_key_values
+        # transformers 5.x names the KV cache `cache` (`past_key_values` is deprecated, with a
+        # FutureWarning per call); earlier versions know only `past_key_values`
+        name = "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters else "past_key_values"
+        cache = pre[name]
         cache.batch_repeat_interleave(B)
         pos = torch.arange(P, T, device=emb.device).expand(B, -1)
         rest = self.lm.model(inputs_embeds=emb[:, P:], attention_mask=attention_mask,
-                             past_key_values=cache, position_ids=pos, use_cache=False).last_hidden_state
+                             position_ids=pos, use_cache=False, **{name: cache}).last_hidden_state
         return torch.cat([pre.last_hidden_state.expand(B, -1, -1), rest], 1)
 
 
@@ -201,7 +207,8 @@ def load_default(weights_dir: Path | None = None, *, trained: bool = True):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     d = smollm2_dir()
-    lm = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with quiet_loading():
+        lm = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(d)
     model = DefaultVLM(lm)
     model.projector.init_from_embeddings(lm.get_input_embeddings(), tok)
@@ -284,7 +291,8 @@ class DefaultAdapter(ModelAdapter):
             attn[b, : len(r)] = 1
             lab[b, : len(l)] = torch.tensor(l)
             vm[b, : len(v)] = torch.tensor(v, dtype=torch.bool)
-        shared = next(iter(contexts)) if len(contexts) == 1 else ""
+        # a prefix shared by every row runs once, unless an editor's hook may need whole rows
+        shared = next(iter(contexts)) if len(contexts) == 1 and not has_editor_hooks(self.model) else ""
         inputs = {"input_ids": input_ids, "attention_mask": attn, "vis_mask": vm,
                   "pixel_values": image_to_tensor(images) if images else None,
                   "prefix_len": len(ctx_cache[shared]) if shared else 0}

@@ -13,9 +13,16 @@ everywhere but the target tokens:
 - LLaVA: BOS, then one image token per vision feature (``(image_size / patch_size)^2``, plus CLS
   when ``vision_feature_select_strategy == "full"`` and the tower has one), then the text.
   A prompt that contains the image token string (``"<image>"``) gets the placeholders there instead.
-- Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, LLaVA-NeXT / OneVision (untested): the number of
-  image tokens depends on the image, so the model's own processor expands the image marker and the
-  target tokens are appended to what it returns.
+- LLaVA-NeXT / OneVision, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM: the number of image tokens
+  depends on the image, so the model's own processor expands the image marker (one image per row)
+  and the target tokens are appended to what it returns, with its other outputs (``image_sizes``,
+  ``image_grid_thw``, ``pixel_attention_mask``; per-token ones such as Qwen's ``mm_token_type_ids``,
+  from which the model computes its M-RoPE positions, padded alongside the ids).
+
+Every family above is tested on a tiny random instance of its exact transformers class saved with
+``save_pretrained`` and loaded back (:func:`mmke.models.tiny.save_tiny`); a layout not marked
+``tested`` loads with a warning. Processors whose video part needs torchvision are loaded without
+it (:func:`mmke.models.processors.image_only_processor_class`).
 
 Text-only examples run through the same path without pixels (BLIP-2: the OPT model on the text
 alone, as MMEdit does for text locality).
@@ -23,6 +30,7 @@ alone, as MMEdit does for text locality).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from mmke.models.base import Batch, Example, ModelAdapter, TargetView, head_at_targets
+from mmke.models.base import Batch, Example, ModelAdapter, TargetView, has_editor_hooks, head_at_targets
 
 
 # --------------------------------------------------------------------------------------
@@ -69,13 +77,25 @@ def _blip2_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
                              f"{feats.shape[1]} query tokens")
         emb = emb.masked_scatter(mask.unsqueeze(-1).to(emb.device), feats.to(emb.device, emb.dtype))
     lm = model.language_model
-    return lm.base_model(inputs_embeds=emb, attention_mask=attn, return_dict=True).last_hidden_state
+    cache = {k: inputs[k] for k in ("cache", "use_cache") if k in inputs}  # a shared prefix (HFAdapter)
+    return lm.base_model(inputs_embeds=emb, attention_mask=attn, return_dict=True, **cache).last_hidden_state
 
 
 def _native_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """Families whose ``model.model`` (the base VLM) merges image features itself."""
     kwargs = {k: v for k, v in inputs.items() if v is not None}
     return model.model(**kwargs, return_dict=True).last_hidden_state
+
+
+def _mrope_positions(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
+    """Qwen2-VL / Qwen2.5-VL: M-RoPE position ids [3, B, T] of whole rows (the model's own
+    ``get_rope_index``); None for text-only rows (plain positions)."""
+    if inputs.get("image_grid_thw") is None:
+        return None
+    kw = {k: inputs[k] for k in ("image_grid_thw", "second_per_grid_ts") if inputs.get(k) is not None}
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                        attention_mask=inputs["attention_mask"], **kw)
+    return pos
 
 
 # --------------------------------------------------------------------------------------
@@ -114,14 +134,19 @@ class FamilyLayout:
     ffn_value: str
     attn_out: str
     ffn: tuple[str, ...]
-    vision: str
+    vision: str | tuple[str, ...]
     connector: tuple[str, ...]
     hidden: Callable[[nn.Module, dict[str, Any]], torch.Tensor]
     # placeholders per image; None: the processor expands the image marker (count depends on image)
     image_tokens: Callable[[nn.Module], int] | None
     image_text: str = "{image}"  # where the image goes when the prompt has no marker
     image_before_bos: bool = False  # BLIP-2 puts its query placeholders before BOS
-    tested: bool = False  # covered by tests on a tiny random instance
+    tested: bool = False  # covered by tests on a tiny random instance (else: a warning on load)
+    # a text prefix shared by every row (Example.context) runs once and its KV cache is reused
+    shares_prefix: bool = True
+    # position ids of whole rows, for families whose positions do not follow from the cache length
+    # alone (M-RoPE); the rows after a shared prefix get their slice of them
+    positions: Callable[[nn.Module, dict[str, Any]], torch.Tensor | None] | None = None
 
 
 _LLAMA_LIKE = dict(ffn_key="mlp.up_proj", ffn_value="mlp.down_proj", attn_out="self_attn.o_proj",
@@ -150,25 +175,28 @@ _register(FamilyLayout(
     vision="model.vision_tower", connector=("model.multi_modal_projector",),
     hidden=_native_hidden, image_tokens=_llava_image_tokens, image_text="{image}\n", tested=True))
 
-# ---- UNTESTED entries: module paths checked against the transformers 5.23 source only; no tiny
-# ---- instance or real checkpoint has been run through them.
-_register(FamilyLayout(  # UNTESTED
+# The families below expand the image marker with their own processor (the number of image tokens
+# depends on the image); each is checked on a tiny random instance of its exact transformers class
+# saved with save_pretrained (tests/test_families.py): outputs equal the model's own forward.
+_register(FamilyLayout(  # LLaVA-NeXT (v1.6) and LLaVA-OneVision: any-resolution tiles + image_newline
     family="llava-next", model_types=("llava_next", "llava_onevision"),
     lm_layers="model.language_model.layers", **_LLAMA_LIKE,
     vision="model.vision_tower", connector=("model.multi_modal_projector", "model.image_newline"),
-    hidden=_native_hidden, image_tokens=None, image_text="{image}\n"))
+    hidden=_native_hidden, image_tokens=None, image_text="{image}\n", tested=True))
 
-_register(FamilyLayout(  # UNTESTED; the patch merger (connector) lives inside the vision module
+_register(FamilyLayout(  # Qwen2-VL / Qwen2.5-VL: the patch merger (the connector) sits inside
+    # model.visual, so the vision site is the patch embedding + blocks, apart from it
     family="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
     lm_layers="model.language_model.layers", **_LLAMA_LIKE,
-    vision="model.visual", connector=("model.visual.merger",),
-    hidden=_native_hidden, image_tokens=None, image_text="<|vision_start|>{image}<|vision_end|>"))
+    vision=("model.visual.patch_embed", "model.visual.blocks"), connector=("model.visual.merger",),
+    hidden=_native_hidden, image_tokens=None, image_text="<|vision_start|>{image}<|vision_end|>", tested=True,
+    positions=_mrope_positions))
 
-_register(FamilyLayout(  # UNTESTED
+_register(FamilyLayout(  # Idefics3 / SmolVLM: image split into tiles; pixel_attention_mask from the processor
     family="idefics3", model_types=("idefics3", "smolvlm"),
     lm_layers="model.text_model.layers", **_LLAMA_LIKE,
     vision="model.vision_model", connector=("model.connector",),
-    hidden=_native_hidden, image_tokens=None, image_text="{image}"))
+    hidden=_native_hidden, image_tokens=None, image_text="{image}", tested=True))
 
 
 def layout_for(config) -> FamilyLayout:
@@ -230,12 +258,23 @@ class HFAdapter(ModelAdapter):
     ``use_processor``: expand image tokens with ``processor`` instead of the layout's count
     (default: only for families whose count depends on the image). The model is put in eval mode
     and its parameters frozen; editors enable gradients on the sites they change.
+
+    ``Example.context`` (in-context knowledge) is placed first: BOS, the context, then the row as
+    the family builds it (image included). When every row of a batch has the same context, it is a
+    shared prefix that runs once, its KV cache reused by every row (and, within one :meth:`run`,
+    by every batch), for the families whose layout allows it (``shares_prefix``).
     """
+
+    supports_context = True
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None, *,
                  processor: Any = None, use_processor: bool | None = None, name: str | None = None) -> None:
         super().__init__()
         self.layout = layout_for(model.config)
+        if not self.layout.tested:
+            warnings.warn(f"{model.config.model_type}: the {self.layout.family!r} layout of mmke is untested (no "
+                          "tiny instance of this family runs through mmke's tests); check its edit sites and "
+                          "that its outputs match the model's own forward before trusting results", stacklevel=2)
         self.model = model
         self.processor = processor
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
@@ -316,6 +355,11 @@ class HFAdapter(ModelAdapter):
         proc_rows: dict[int, tuple[list[int], dict[str, list[int]]]] = {}
         if images and self.use_processor:
             proc_out, proc_rows = self._process(examples, image_rows)
+        # in-context knowledge goes first, the image included: BOS + context, then the row as the
+        # family builds it without its own leading BOS (tokenised apart, so every row starts with
+        # exactly the same ids and a shared context is a shared prefix)
+        heads = {c: self._bos + self._tok(c.replace(self.image_token, ""))
+                 for c in {ex.context for ex in examples} if c}
         for i, ex in enumerate(examples):
             n = self.num_image_tokens or 0
             text, before = self._text(ex, self.image_token * (1 if self.use_processor else n))
@@ -328,6 +372,10 @@ class HFAdapter(ModelAdapter):
                 if ex.image is not None and ctx.count(self.image_token_id) != n:
                     raise ValueError(f"the tokenizer split the image token {self.image_token!r}: "
                                      f"{ctx.count(self.image_token_id)} placeholders, expected {n}")
+            if ex.context:
+                head, cut = heads[ex.context], len(self._bos) if ctx[: len(self._bos)] == self._bos else 0
+                ctx = head + ctx[cut:]
+                extra = {k: [0] * len(head) + v[cut:] for k, v in extra.items()}
             seq = ctx + target
             if len(seq) > self.max_length:
                 raise ValueError(f"input of {len(seq)} tokens exceeds the model's {self.max_length}")
@@ -347,6 +395,8 @@ class HFAdapter(ModelAdapter):
             for k, v in extra_tok[b].items():
                 extras[k][b, : len(v)] = torch.tensor(v)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn, **extras}
+        if len(heads) == 1 and all(ex.context for ex in examples):  # one context shared by every row
+            inputs["prefix_len"] = len(next(iter(heads.values())))
         if images:
             if self.use_processor:
                 inputs.update(proc_out)
@@ -360,7 +410,8 @@ class HFAdapter(ModelAdapter):
         Returns the non-token outputs (pixels, grids, ...) and, per row, the context ids and any
         per-token outputs (e.g. ``mm_token_type_ids``), unpadded."""
         texts = [self._text(examples[i], self.image_token)[0] for i in image_rows]
-        out = self.processor(text=texts, images=[examples[i].image.convert("RGB") for i in image_rows],
+        # images nested per row: SmolVLM's processor needs it, the other families accept it
+        out = self.processor(text=texts, images=[[examples[i].image.convert("RGB")] for i in image_rows],
                              return_tensors="pt", padding=True)
         ids, mask = out["input_ids"], out["attention_mask"].bool()
         per_token = [k for k, v in out.items() if torch.is_tensor(v) and v.shape == ids.shape
@@ -373,20 +424,69 @@ class HFAdapter(ModelAdapter):
         return rest, rows
 
     # ---- forward ------------------------------------------------------------------------
-    def _hidden(self, batch: Batch) -> torch.Tensor:
+    def _hidden(self, batch: Batch, keep_prefix: bool = True) -> tuple[torch.Tensor, int]:
+        """Last hidden states [B, T - s, H] from position s on, and s: 0, or (``keep_prefix=False``)
+        the length of a shared prefix that was run once and whose positions predict no target."""
         inputs = dict(batch.inputs)
+        prefix = int(inputs.pop("prefix_len", 0) or 0)
         vis_dtype = next(self.vision_module().parameters()).dtype
         for k, v in inputs.items():
             if torch.is_tensor(v) and v.is_floating_point():
                 inputs[k] = v.to(vis_dtype)
-        return self.layout.hidden(self.model, inputs)
+        if prefix and self._shares_prefix(inputs["input_ids"].shape[0]):
+            h_pre, h_rest = self._hidden_after_prefix(inputs, prefix)
+            if not keep_prefix and bool((batch.labels[:, : prefix + 1] == -100).all()):
+                return h_rest, prefix
+            return torch.cat([h_pre.expand(h_rest.shape[0], -1, -1).to(h_rest.device), h_rest], 1), 0
+        return self.layout.hidden(self.model, inputs), 0
+
+    def _shares_prefix(self, rows: int) -> bool:
+        """Whether a prefix shared by every row runs once: the family's positions allow it, there is
+        something to share (several rows, or a run that reuses prefixes across batches), and no
+        hook is installed — editors' hooks may look at whole rows (an image gate spans the row, a
+        label tap needs the full batch), so the model is then run as is."""
+        if not self.layout.shares_prefix or (rows == 1 and self._prefix_memo is None):
+            return False
+        return not has_editor_hooks(self.model)
+
+    def _hidden_after_prefix(self, inputs: dict[str, Any], prefix: int) -> torch.Tensor:
+        """Last hidden states [B, T, H] of rows that share their first ``prefix`` tokens (text only,
+        before any image): the prefix runs once (or is taken from this run's memo, see
+        :meth:`~mmke.models.base.ModelAdapter.sharing_prefixes`), the rest of the rows on its KV
+        cache, repeated per row: (the prefix's [1, P, H], the rest's [B, T - P, H]). Equal to the
+        full forward up to float rounding."""
+        from transformers import DynamicCache
+
+        ids = inputs["input_ids"]
+        B, T = ids.shape
+        key = (ids.device, tuple(ids[0, :prefix].tolist()))
+        memo = self._prefix_memo if self._prefix_memo is not None else {}
+        if key not in memo:
+            cache = DynamicCache(config=self.model.config)
+            h = self.layout.hidden(self.model, {"input_ids": ids[:1, :prefix],
+                                                "attention_mask": inputs["attention_mask"][:1, :prefix],
+                                                "cache": cache, "use_cache": True})
+            memo[key] = (h, [(layer.keys, layer.values) for layer in cache.layers])
+        h_pre, kv = memo[key]
+        cache = DynamicCache([(k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])) for k, v in kv],
+                             config=self.model.config)
+        # per-token inputs lose the prefix; the attention mask covers cache + rest, as in decoding
+        rest = {k: v[:, prefix:] if torch.is_tensor(v) and v.shape == ids.shape and k != "attention_mask" else v
+                for k, v in inputs.items()}
+        if self.layout.positions is not None:  # explicit positions: the rows' own, past the prefix
+            pos = self.layout.positions(self.model, inputs)
+            rest["position_ids"] = (pos[..., prefix:] if pos is not None else
+                                    torch.arange(prefix, T, device=ids.device).expand(B, -1))
+        h_rest = self.layout.hidden(self.model, {**rest, "cache": cache, "use_cache": True})
+        return h_pre, h_rest
 
     def _forward(self, batch: Batch) -> torch.Tensor:
-        return self.model.get_output_embeddings()(self._hidden(batch))
+        return self.model.get_output_embeddings()(self._hidden(batch)[0])
 
     def _target_view(self, batch: Batch) -> TargetView:
         # Only the positions that predict target tokens go through the LM head.
-        return head_at_targets(self._hidden(batch), batch.labels, self.model.get_output_embeddings())
+        h, start = self._hidden(batch, keep_prefix=False)  # a shared prefix predicts no target: skipped
+        return head_at_targets(h, batch.labels[:, start:], self.model.get_output_embeddings())
 
     # ---- layout -------------------------------------------------------------------------
     def lm_layers(self) -> nn.ModuleList:
@@ -399,7 +499,8 @@ class HFAdapter(ModelAdapter):
         return _resolve(layer, paths)
 
     def vision_module(self) -> nn.Module:
-        return _resolve(self.model, (self.layout.vision,))
+        vision = self.layout.vision
+        return _resolve(self.model, (vision,) if isinstance(vision, str) else vision)
 
     def connector_module(self) -> nn.Module:
         return _resolve(self.model, self.layout.connector)
@@ -409,25 +510,48 @@ class HFAdapter(ModelAdapter):
         return int(self.model.config.get_text_config().max_position_embeddings)
 
 
-def load_hf(name_or_path: str, *, device_map: str | dict | None = None, dtype: Any = None,
-            **model_kwargs: Any) -> HFAdapter:
+def load_hf(name_or_path: str, *, placement: Any = None, device: str | None = None,
+            device_map: str | dict | None = None, dtype: Any = None, **model_kwargs: Any) -> HFAdapter:
     """Load a real checkpoint (local path or hub id) through ``AutoModelForImageTextToText`` and
-    ``AutoProcessor``. ``device_map="auto"`` spreads it over the available GPUs (accelerate)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    ``AutoProcessor``, in ``dtype`` (fp32 unless given: never whatever the checkpoint was saved
+    in) on ``device``, or straight into place by ``device_map`` (``"auto"`` spreads it over the
+    available GPUs; a dict or JSON file is checked against the model's modules first). ``placement``
+    (:class:`~mmke.models.placement.Placement`) gives all three at once."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from mmke.models.placement import (Placement, check_not_offloaded, dtype_name, parse_dtype,
+                                       validate_device_map)
+
+    if placement is None:
+        placement = Placement(device=device, device_map=device_map,
+                              dtype=dtype_name(parse_dtype(dtype)) if dtype is not None else "fp32")
     local = Path(name_or_path).expanduser()
     if local.exists():
         name_or_path = str(local)
     elif name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") != 1:
         raise FileNotFoundError(f"hf:{name_or_path}: no such directory (a local checkpoint folder, or a "
                                 "hub id of the form org/name)")
+    if (local / "minigpt4.json").is_file() or (local.is_file() and local.suffix == ".json"):
+        from mmke.models.minigpt4 import load_minigpt4  # MiniGPT-4, assembled from its release's parts
+
+        return load_minigpt4(local, placement=placement)
     config = AutoConfig.from_pretrained(name_or_path)
     layout_for(config)  # unsupported families fail before the weights load
     kwargs = dict(model_kwargs)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    kwargs["dtype"] = placement.torch_dtype
+    dm = placement.resolved_map()
+    if isinstance(dm, dict):  # check names and coverage on a weightless skeleton before loading
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(config)
+        validate_device_map(skeleton, dm, placement.source)
+        del skeleton
+    if dm is not None:
+        kwargs["device_map"] = dm
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    if placement.device is not None:
+        model.to(placement.device)
+    check_not_offloaded(model, placement.source)
+    from mmke.models.processors import load_processor
+
+    processor = load_processor(name_or_path, config.model_type)
     return HFAdapter(model, processor=processor, name=f"hf:{name_or_path}")

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +36,7 @@ from mmke.data.bundled import benchmark_of
 from mmke.io import atomic_torch_save, atomic_write_json, atomic_write_text, file_digest
 from mmke.paths import cache_dir
 from mmke.models.base import Example, ModelAdapter
+from mmke.models.placement import placement_record
 from mmke.progress import progress
 from mmke.scoring import INPUT_KINDS, case_inputs, case_metrics, run_case
 from mmke.tasks import TaskSpec
@@ -90,11 +91,19 @@ def counterfactual_records(records: list, fraction: float, seed: int) -> list:
 
 
 def make_cases(records: list, task: TaskSpec, adapter: ModelAdapter) -> list[TrainCase]:
+    """The cases of ``records``, every image decoded now (a few records: tests, one batch)."""
     return [TrainCase(r, case_inputs(r, task, adapter.load_image)) for r in records]
 
 
+def iter_cases(records: Iterable, task: TaskSpec, adapter: ModelAdapter) -> Iterator[TrainCase]:
+    """The cases of ``records`` one at a time, each one's images decoded when it is reached and
+    let go after (a validation slice or a batch is never held decoded)."""
+    for r in records:
+        yield TrainCase(r, case_inputs(r, task, adapter.load_image))
+
+
 @torch.no_grad()
-def validate(editor: TrainedEditor, cases: list[TrainCase]) -> dict[str, float]:
+def validate(editor: TrainedEditor, cases: Iterable[TrainCase]) -> dict[str, float]:
     """The evaluation protocol on held-out train cases: edit, score the five inputs, restore."""
     scores: dict[str, list[float]] = {k: [] for k in INPUT_KINDS}
     for c in cases:
@@ -131,7 +140,7 @@ def train_editor(editor: TrainedEditor, train_records: list, out: str | Path,
     if len(records) <= cfg.val_size:
         raise ValueError(f"need more than {cfg.val_size} train records, got {len(records)}")
     records = counterfactual_records(records, cfg.counterfactual, cfg.seed)
-    val_cases = make_cases(records[: cfg.val_size], task, adapter)
+    val_records = records[: cfg.val_size]  # decoded case by case at each validation
     pool = records[cfg.val_size:]
 
     editor.module.train()
@@ -159,7 +168,7 @@ def train_editor(editor: TrainedEditor, train_records: list, out: str | Path,
             opt.zero_grad()
             parts: dict[str, float] = {}
             total = 0.0
-            for c in make_cases(batch, task, adapter):
+            for c in iter_cases(batch, task, adapter):
                 loss, logs = editor.train_loss(c)
                 (loss / len(batch)).backward()
                 total += loss.item() / len(batch)
@@ -173,7 +182,7 @@ def train_editor(editor: TrainedEditor, train_records: list, out: str | Path,
             row: dict[str, Any] = {"step": done, "loss": total, **parts, "elapsed_s": round(time.time() - t0, 1)}
             if done % cfg.val_every == 0 or done == cfg.steps:
                 editor.module.eval()
-                val = validate(editor, val_cases)
+                val = validate(editor, iter_cases(val_records, task, adapter))
                 editor.module.train()
                 row["val"] = val
                 log.info("step %d: val %s", done, {k: round(v, 3) for k, v in val.items()})
@@ -185,7 +194,7 @@ def train_editor(editor: TrainedEditor, train_records: list, out: str | Path,
     for p in params:
         p.requires_grad_(False)
     if not val:  # resumed after the last step: validate once for the card
-        val = validate(editor, val_cases)
+        val = validate(editor, iter_cases(val_records, task, adapter))
     wall = time.time() - t0
     meta = {
         "method": editor.name, "task": task.name, "model": editor.model_name,
@@ -249,11 +258,13 @@ top-1 agreement, percent):
 def train_method(method: str, task: str, model: str = "default", out: str | Path | None = None,
                  cfg: EditorTrainConfig | None = None, method_config: dict[str, Any] | None = None,
                  train_data: str | None = None, image_root: str | None = None,
-                 adapter: ModelAdapter | None = None, replace_bundled: bool = False) -> dict[str, Any]:
+                 adapter: ModelAdapter | None = None, replace_bundled: bool = False, *,
+                 device: str | None = None, dtype: str = "fp32", device_map: str | None = None) -> dict[str, Any]:
     """``mmke train --method M``: build the editor untrained on the model, train it on the task's
     train split (the bundled one by default) and write its weights directory: ``out``, or a user
     directory under the mmke cache (:func:`default_train_dir`); the weights shipped with mmke are
-    replaced only with ``replace_bundled``."""
+    replaced only with ``replace_bundled``. ``device`` / ``dtype`` / ``device_map`` place the model
+    (:func:`mmke.registry.load_model`); the editor's own module trains in fp32 either way."""
     from mmke.data.schema import load_records
     from mmke.editors.trained import bundled_weights_dir
     from mmke.registry import editor_class, load_model
@@ -281,18 +292,22 @@ def train_method(method: str, task: str, model: str = "default", out: str | Path
         train_data, image_root = str(bench / TASKS[task].files()[1]), str(bench)
     records = load_records(train_data, image_root or str(Path(train_data).parent), None,
                            skip_invalid=True).records
-    adapter = adapter or load_model(model)
+    adapter = adapter or load_model(model, device=device, dtype=dtype, device_map=device_map)
     editor = cls(adapter, config, task=TASKS[task], train_records=records, untrained=True, model_name=model)
     sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in (method_config or {}).items())
     defaults = EditorTrainConfig().model_dump()
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_dump().items() if v != defaults[k])
     where = "--replace-bundled" if replace_bundled else f"--out {out}"
+    place = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("device", device), ("dtype", dtype),
+                                                                  ("device_map", device_map))
+                     if v is not None and not (k == "dtype" and v == "fp32"))
     command = " ".join(x for x in (f"mmke train --method {method} --task {task} --model {model}", opts, sets,
-                                   where) if x)
+                                   place, where) if x)
     meta = editor.fit(records, out, cfg, command=command)
     # what the editor was trained on: the leak test checks bundled weights against the eval files
     meta["train_data"] = {"file": Path(train_data).name, "digest": file_digest(train_data),
                           "benchmark": benchmark_of(train_data)}
+    meta["model_placement"] = placement_record(adapter.model)  # the model's devices and dtype in training
     atomic_write_json(Path(out) / META_FILE, meta, sort_keys=True)
     return meta
 

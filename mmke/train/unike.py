@@ -94,15 +94,15 @@ def collect_triplets(adapter: ModelAdapter, task, records: list, layers: list[in
             w = 1 + int(score[1:].argmax())  # the model's own (most likely) wrong answer
             p, _, mask = target_positions(batch.labels.to(adapter.device))
             last = p.gather(1, (mask.sum(1, keepdim=True) - 1)).squeeze(1) + 1  # [C] last answer token
-            st = torch.stack([outs[l] for l in layers])  # [L, C, T, H]
-            sem.append(st[:, 0, p[0, 0]])  # last question token (the same in every row)
+            st = torch.stack([outs[l].to(p.device) for l in layers])  # [L, C, T, H] (layers may sit apart)
+            sem.append(st[:, 0, p[0, 0]].cpu())  # last question token (the same in every row)
             rb = adapter.prepare([Example(task.prompt(r.rephrase), " " + correct, img)]).to(adapter.device)
             with site_outputs(adapter, layers, site) as routs:
                 adapter.target_view(rb)
-            rp = target_positions(rb.labels.to(adapter.device))[0][0, 0]
-            reph.append(torch.stack([routs[l][0, rp] for l in layers]))
-            pos.append(st[:, 0, last[0]])
-            neg.append(st[:, w, last[w]])
+            rp = int(target_positions(rb.labels.to(adapter.device))[0][0, 0])
+            reph.append(torch.stack([routs[l][0, rp].cpu() for l in layers]))
+            pos.append(st[:, 0, last[0]].cpu())
+            neg.append(st[:, w, last[w]].cpu())
             info.append({"index": r.index, "correct": correct, "wrong": cands[w],
                          "model_correct": bool(score.argmax() == 0)})
             bar.update(ptask, advance=1)
@@ -111,7 +111,7 @@ def collect_triplets(adapter: ModelAdapter, task, records: list, layers: list[in
             for kind in ("t_locality", "m_locality"):
                 with site_outputs(adapter, layers, site) as outs:
                     adapter.target_view(adapter.prepare([x[kind]]).to(adapter.device))
-                calib.append(torch.stack([outs[l][0] for l in layers]))  # [L, T, H]
+                calib.append(torch.stack([outs[l][0].cpu() for l in layers]))  # [L, T, H]
             bar.update(ptask, advance=1)
     return Triplets(torch.stack(sem, 1).half().cpu(), torch.stack(pos, 1).half().cpu(),
                     torch.stack(neg, 1).half().cpu(), torch.stack(reph, 1).half().cpu(),

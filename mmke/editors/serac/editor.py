@@ -85,7 +85,8 @@ class LoRAFactor(nn.Module):
         self.B = nn.Parameter(torch.zeros(d_out, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype) * self.scale
+        # the factors live with the editor's module; the layer (x) may sit on another device
+        return (x @ self.A.t().to(x.device, x.dtype)) @ self.B.t().to(x.device, x.dtype) * self.scale
 
 
 class SERACModule(nn.Module):
@@ -270,7 +271,7 @@ class SERACBase(TrainedEditor):
         if missing:
             raise ValueError(f"{f}: no tensors {missing} (not a {self.name} edit, or saved by an "
                              "older version of it)")
-        feats = {k: t[f"features.{k}"].to(self.adapter.device) for k in shapes}
+        feats = {k: t[f"features.{k}"].to(self.device) for k in shapes}
         for k, shape in shapes.items():
             if tuple(feats[k].shape[1:]) != shape:
                 raise ValueError(f"{f}: features.{k} has rows of shape {tuple(feats[k].shape[1:])}, this "

@@ -155,7 +155,7 @@ class SERACMMEditor(SERACBase):
     def _text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """MiniLM embeddings [N, 384] (or [N, 0] without text features). Each prompt is embedded
         alone and memoised, so a prompt's embedding never depends on the batch it came in."""
-        dev = self.adapter.device
+        dev = self.device  # the scope classifier's
         if not self.config.text_features:
             return torch.zeros(len(prompts), 0, device=dev)
         from mmke.retrieval import embed
@@ -175,7 +175,7 @@ class SERACMMEditor(SERACBase):
         adapter = self.adapter
         layer = adapter.lm_layers()[self._feature_layer()]
         H = self.module.scope.lm_hidden
-        out = torch.zeros(len(examples), 2 * H, device=adapter.device)
+        out = torch.zeros(len(examples), 2 * H, device=self.device)  # features meet the classifier
         got: list[torch.Tensor] = []
 
         def stop(_mod, _args, output):
@@ -195,8 +195,8 @@ class SERACMMEditor(SERACBase):
                     pass
                 if not got:
                     raise RuntimeError(f"{self.name}: LM layer {self._feature_layer()} did not run")
-                h = got[0].float()  # [B, T, H]
-                attn = batch.inputs["attention_mask"].bool()
+                h = got[0].float().to(out.device)  # [B, T, H]
+                attn = batch.inputs["attention_mask"].bool().to(out.device)
                 for b, i in enumerate(idx):
                     t0 = int((batch.labels[b] != -100).nonzero()[0])  # first target token
                     out[i, :H] = h[b, t0 - 1]

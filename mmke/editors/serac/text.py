@@ -110,7 +110,7 @@ class SERACEditor(SERACBase):
         never depends on the batch it came in."""
         from mmke.retrieval import embed
 
-        dev = self.adapter.device
+        dev = self.device  # the scope classifier's
         for s in dict.fromkeys(texts):
             if s not in self._text_cache:
                 if len(self._text_cache) > 100_000:
@@ -142,7 +142,7 @@ class SERACEditor(SERACBase):
         out-of-scope inputs (text-only and unrelated-image locality), equally weighted."""
         inp = case.inputs
         xs = [inp["t_generality"], inp["m_generality"], inp["t_locality"], inp["m_locality"]]
-        label = torch.tensor([1.0, 1.0, 0.0, 0.0], device=self.adapter.device)
+        label = torch.tensor([1.0, 1.0, 0.0, 0.0], device=self.device)
         logits = self.scope_logits(self.input_features(xs), self.edit_features(inp["reliability"]))[:, 0]
         loss = F.binary_cross_entropy_with_logits(logits, label)
         with torch.no_grad():

@@ -49,7 +49,7 @@ import json
 import logging
 import weakref
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ from mmke.editors.unike.intrinsic import (EditPatch, LocalityMemory, ffn_inputs_
 from mmke.editors.unike.memory import BankGate, LatentMemory, LatentShift, site_outputs
 from mmke.editors.tail import TailRunner
 from mmke.models.base import target_positions
-from mmke.scoring import case_inputs
+from mmke.models.placement import module_device
+from mmke.scoring import LazyInputs
 
 log = logging.getLogger(__name__)
 _LOCALITY_CACHE: dict[str, tuple] = {}
@@ -181,8 +182,10 @@ class UniKEEditor(TrainedEditor):
     # ---- what needs what ----------------------------------------------------------------
     @classmethod
     def uses_train_records(cls, config) -> bool:
-        """The new neurons' locality memory and prompt IKE's demonstrations come from the train split."""
-        return config.intrinsic or config.external == "ike"
+        """The new neurons' locality memory (when the memory loss or whitened keys use it) and
+        prompt IKE's demonstrations come from the train split."""
+        memory = config.intrinsic and (config.mem_weight > 0 or config.key_init == "whitened")
+        return memory or config.external == "ike"
 
     @staticmethod
     def needs_weights(cfg: UniKEConfig) -> bool:
@@ -220,20 +223,19 @@ class UniKEEditor(TrainedEditor):
         raise NotImplementedError("UniKE's encoders are trained contrastively by fit(), not per edit case")
 
     # ---- locality memory of the new neurons ---------------------------------------------
-    def _locality_examples(self, records: list) -> list:
-        if not self.config.intrinsic or not records or (self.config.mem_weight <= 0
-                                                        and self.config.key_init != "whitened"):
-            if self.config.intrinsic and not records:
+    def _locality_examples(self, records: list) -> Sequence:
+        cfg = self.config
+        wanted = cfg.intrinsic and (cfg.mem_weight > 0 or cfg.key_init == "whitened")
+        if not wanted or not records:
+            if wanted:
                 log.warning("%s: no train records, so no locality memory: keys are trained from the edit "
                             "alone (new neurons may fire elsewhere)", self.name)
             return []
         if self.task is None:
             raise ValueError(f"{self.name} needs the task to template its locality memory")
-        out = []
         recs = records[: self.config.memory_size]
-        for r in recs:
-            x = case_inputs(r, self.task, self.adapter.load_image)
-            out += [x[k] for k in self.config.memory_kinds]
+        # built (images decoded) a few at a time when the memory is computed, never all held
+        out = LazyInputs(recs, self.task, self.adapter.load_image, self.config.memory_kinds)
         # what the memory is built from: the same records, task and kinds give the same memory
         self._loc_key = (self.task.name, tuple(self.config.memory_kinds),
                          tuple(json.dumps(r.to_dict(), sort_keys=True) + str(r.image_path) for r in recs))
@@ -280,7 +282,8 @@ class UniKEEditor(TrainedEditor):
             if self.memory is not None:
                 pos = target_positions(cache.labels)[0][0]
                 ends = torch.stack([pos[0], pos[-1] + 1])  # last question token, last answer token
-                st = torch.stack([outs[l][0, ends] for l in self.layers])  # [L, 2, H]
+                # [L, 2, H] on the CPU (layers may sit on different devices; the memory is on the CPU)
+                st = torch.stack([outs[l][0, ends.to(outs[l].device)].cpu() for l in self.layers])
                 for j, l in enumerate(self.layers):
                     retrieved[l] = self.memory.retrieve(l, st[j, 0], cfg.k)
                     tensors[f"latent.{l}.indices"] = torch.tensor(retrieved[l])
@@ -293,7 +296,7 @@ class UniKEEditor(TrainedEditor):
             if cfg.intrinsic:
                 # the patches train beside the banks of the earlier edits (hooks of their own)
                 patches = {l: EditPatch(self.ffn_width(l), cfg.n_neurons, seed=cfg.seed + l, act=act)
-                           .to(self.adapter.device) for l in self.layers}
+                           .to(self.ffn_device(l)) for l in self.layers}
                 train_hooks = PatchHooks(self.adapter, patches)
                 undo.append(train_hooks.remove)
                 if cfg.external == "latent" and whiten is None:  # trained keys start from the shift
@@ -337,6 +340,10 @@ class UniKEEditor(TrainedEditor):
     def ffn_width(self, layer: int) -> int:
         return int(self.adapter.site(f"lm.ffn_key.{layer}").in_features)
 
+    def ffn_device(self, layer: int) -> torch.device:
+        """Where layer ``layer``'s new neurons live: its FFN's device (they train in fp32 there)."""
+        return module_device(self.adapter.site(f"lm.ffn_key.{layer}"))
+
     def _gates(self, patches: dict[int, EditPatch], banked: BankedPatches | None = None) -> dict | None:
         """With the image gate, each layer's shift is gated like the layer's new neurons, whose gate
         the same forward computed just before (site ``layer``: the FFN runs first): read from the
@@ -351,9 +358,9 @@ class UniKEEditor(TrainedEditor):
         """The latent-IKE shift from the retrieved indices and the edit's own states in ``tensors``,
         each layer's row gated by ``gates`` (:meth:`_gates`)."""
         mem = self.memory
-        dev = self.adapter.device
         know, center = {}, {}
         for j, l in enumerate(self.layers):
+            dev = module_device(self.adapter.lm_layers()[l])  # where the shift's hook sees the states
             idx = tensors[f"latent.{l}.indices"].long()
             know[l] = torch.cat([mem.pos[j, idx].float(), tensors[f"latent.{l}.edit_pos"][None].float()]).to(dev)
             center[l] = mem.mean[j].to(dev)
@@ -401,7 +408,7 @@ class UniKEEditor(TrainedEditor):
             if meta.get("intrinsic"):
                 patches = {l: EditPatch.from_state({k.split(".", 2)[2]: v for k, v in t.items()
                                                     if k.startswith(f"patch.{l}.")}, meta.get("act", "relu"))
-                           .to(self.adapter.device)
+                           .to(self.ffn_device(l))
                            for l in self.layers}
                 banked = BankedPatches(self.adapter, patches)
                 undo.append(banked.remove)

@@ -109,8 +109,9 @@ class EditPatch(FFNPatch):
 
     def forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         z = self.pre(q)  # [B, T, n] (or [B*T, n] where the family flattens tokens)
-        if self.record:
-            self.recorded = {"q": q, "z": z}
+        if self.record:  # recorded as [B, T, .] (OPT hands its FFN [B*T, H]; image_mask is [B, T])
+            bt = tuple(image_mask.shape) if image_mask is not None and q.dim() == 2 else None
+            self.recorded = {"q": q, "z": z} if bt is None else {"q": q.reshape(*bt, -1), "z": z.reshape(*bt, -1)}
         a = self.act(z)
         self.last_gate = None
         if bool(self.gated):
@@ -217,18 +218,22 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
                 sub = [chunk[i] for i in idx]
                 batch = adapter.prepare(sub).to(adapter.device)
                 view = adapter.target_view(batch)
-                pos, _, mask = target_positions(batch.labels.to(adapter.device))
-                attn = batch.inputs.get("attention_mask")
-                im = adapter.image_mask(batch).to(adapter.device)
-                has = im.any(1)
-                n_img += int(has.sum())
+                pos0, _, mask0 = target_positions(batch.labels.to(adapter.device))
+                attn0 = batch.inputs.get("attention_mask")
+                im0 = adapter.image_mask(batch).to(adapter.device)
+                has0 = im0.any(1)
+                n_img += int(has0.sum())
                 for l in layers:
-                    x = box[l].reshape(*im.shape, -1).float()
+                    dev = box[l].device  # layers may sit on different devices: meet each where it is
+                    pos, mask, im, has = pos0.to(dev), mask0.to(dev), im0.to(dev), has0.to(dev)
+                    attn = attn0.to(dev) if attn0 is not None else None
+                    xb = box[l].reshape(*im.shape, -1)  # [B, T, H] (OPT hands its FFN [B*T, H])
+                    x = xb.float()
                     sig = (x * im[..., None]).sum(1) / im.sum(1, keepdim=True).clamp(min=1)
                     img_sum[l] = img_sum[l] + sig[has].sum(0)
-                    q = box[l].gather(1, pos.unsqueeze(-1).expand(-1, -1, box[l].shape[-1]))
+                    q = xb.gather(1, pos.unsqueeze(-1).expand(-1, -1, xb.shape[-1]))
                     qs[l].append(q[mask].float())
-                    every = box[l]
+                    every = xb
                     every = every[attn.bool()] if attn is not None and attn.shape == every.shape[:2] \
                         else every.reshape(-1, every.shape[-1])
                     every = every.double()
@@ -236,10 +241,10 @@ def ffn_inputs_at_targets(adapter: ModelAdapter, layers: Sequence[int], examples
                     mo[0] += len(every)
                     mo[1] = mo[1] + every.sum(0)
                     mo[2] = mo[2] + every.T @ every
-                top1.append(view.logits.argmax(-1)[mask.to(view.logits.device)].cpu())
-                gold.append(view.target_ids[mask.to(view.logits.device)].cpu())
+                top1.append(view.logits.argmax(-1)[mask0.to(view.logits.device)].cpu())
+                gold.append(view.target_ids[mask0.to(view.logits.device)].cpu())
                 for b, ex in enumerate(sub):
-                    owner += [(ex.prompt, ex.target)] * int(mask[b].sum())
+                    owner += [(ex.prompt, ex.target)] * int(mask0[b].sum())
     finally:
         for h in hooks:
             h.remove()

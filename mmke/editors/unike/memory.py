@@ -52,6 +52,7 @@ from safetensors.torch import load_file
 from mmke.editors.unike.encoders import UniKEEncoders
 from mmke.io import atomic_save_safetensors, atomic_write_json
 from mmke.models.base import ModelAdapter
+from mmke.models.placement import module_device
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,9 @@ def latent_bank(adapter: ModelAdapter, layer: int, site: str, center: torch.Tens
            hashlib.sha256(c.numpy().tobytes()).hexdigest())
     banks = adapter.__dict__.setdefault("_latent_banks", {})
     if key not in banks:
-        semantic = (lambda x, enc=encoders, i=enc_index: enc.semantic(i, x)) if encoders is not None else None
+        # the encoders live on their own device; states come from this layer's
+        semantic = (lambda x, enc=encoders, i=enc_index: enc.semantic(i, x.to(module_device(enc))).to(x.device)) \
+            if encoders is not None else None
         banks[key] = LatentBank(adapter, layer, site, key, center.float(), tau=tau, s=s, semantic=semantic,
                                 floor=floor)
     return banks[key]
