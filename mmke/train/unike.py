@@ -265,7 +265,7 @@ def calibrate_floor(enc: UniKEEncoders, tr: Triplets, mem: LatentMemory, test_id
 
 def fit_unike(editor, records: list, out: str | Path, cfg, command: str = "") -> dict[str, Any]:
     """Build the memory, train the encoders, validate, and write the weights directory."""
-    from mmke.train.editors import counterfactual_records, make_cases, validate
+    from mmke.train.editors import counterfactual_records, iter_cases, validate
 
     t0 = time.time()
     out = Path(out)
@@ -292,8 +292,8 @@ def fit_unike(editor, records: list, out: str | Path, cfg, command: str = "") ->
                                            tau=ec.tau, quantile=ec.s_quantile, seed=cfg.seed)
     val = {}
     if cfg.val_size:
-        val_cases = make_cases(counterfactual_records(val_recs, cfg.counterfactual, cfg.seed), editor.task,
-                               editor.adapter)
+        val_cases = iter_cases(counterfactual_records(val_recs, cfg.counterfactual, cfg.seed), editor.task,
+                               editor.adapter)  # decoded one case at a time
         val = validate(editor, val_cases)
     wall = time.time() - t0
     meta = {
