@@ -365,7 +365,8 @@ def list_cmd(what: str = typer.Argument(..., help="methods, models, tasks, or op
     table = {"methods": {k: v.description for k, v in METHODS.items()},
              "models": {k: v.description for k, v in MODELS.items()} | {"hf:<path-or-id>": "a Hugging Face VLM: "
                                                                         "BLIP-2 OPT, LLaVA-1.5/NeXT/OneVision, Qwen2-VL, "
-                                                                        "Qwen2.5-VL, Idefics3, SmolVLM"},
+                                                                        "Qwen2.5-VL, Idefics3, SmolVLM; or a MiniGPT-4 "
+                                                                        "folder holding minigpt4.json"},
              "tasks": {k: f"{v.title}: {v.description}" for k, v in TASKS.items()}}
     if what not in table:
         typer.secho(f"error: choose one of {', '.join(table)}, options", fg="red", err=True)
