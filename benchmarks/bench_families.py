@@ -100,9 +100,11 @@ def floor(adapter, examples) -> float:
 
 @torch.no_grad()
 def one_by_one(adapter, examples) -> float:
-    """Seconds to score each input on its own (tokenised and run alone, nothing shared)."""
+    """Seconds to score each input on its own (tokenised and run alone, nothing shared or kept)."""
+    adapter.forget_prepared()
     t = time.perf_counter()
     for ex in examples:
+        adapter.forget_prepared()
         adapter.target_view(adapter.prepare([ex]))
     return time.perf_counter() - t
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from mmke.cli import app
 from mmke.data.schema import load_records
 from mmke.editors.base import EditRequest
-from mmke.models import hf
+from mmke.models import layouts
 from mmke.models.base import Example, state_digest, target_nll
 from mmke.models.hf import HFAdapter
 from mmke.models.processors import image_only_processor_class, load_processor
@@ -199,7 +199,7 @@ def test_last_layers_fast_path(ckpt, family):
 
 def test_untested_layout_warns(ckpt, monkeypatch):
     a = _load(ckpt, "llava")
-    monkeypatch.setitem(hf.LAYOUTS, "llava", replace(a.layout, tested=False))
+    monkeypatch.setitem(layouts.LAYOUTS, "llava", replace(a.layout, tested=False))
     with pytest.warns(UserWarning, match="'llava' layout of mmke is untested"):
         HFAdapter(a.model, processor=a.processor)
 

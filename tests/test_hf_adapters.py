@@ -10,7 +10,8 @@ from torch import nn
 from mmke.editors.base import EditRequest
 from mmke.editors.ft import FTConfig, FTEditor
 from mmke.models.base import Example, state_digest, target_nll
-from mmke.models.hf import HFAdapter, ModuleGroup, layout_for, load_hf
+from mmke.models.hf import HFAdapter, load_hf
+from mmke.models.layouts import ModuleGroup, layout_for
 from mmke.models.tiny import tiny_blip2, tiny_llava, tiny_processor
 
 FAMILIES = {"blip2": tiny_blip2, "llava": tiny_llava}

@@ -159,3 +159,33 @@ def test_full_logits_with_a_shared_prefix(one_thread):
             alone = adapter.forward(adapter.prepare([ex]))
             n = alone.shape[1]
             assert torch.allclose(logits[i, :n], alone[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava"])
+def test_a_case_is_tokenised_once_for_its_unedited_and_edited_runs(family):
+    """``prepare`` keeps its last batches: the same inputs (same texts, same image objects) give
+    the same batch without tokenising again; another image object, a context or a new target does
+    not hit; outputs are unchanged; a from-scratch timing can drop what was kept."""
+    a = _adapter(family)
+    calls = []
+    real = a._prepare
+    a._prepare = lambda exs: calls.append(len(exs)) or real(exs)
+    case = _case("")
+    with torch.no_grad():
+        first = a.run(case)
+        n = len(calls)
+        second = a.run(case)
+    assert len(calls) == n  # nothing prepared again
+    assert torch.equal(first.logits, second.logits)
+    same_pixels = [Example(ex.prompt, ex.target, ex.image.copy() if ex.image else None) for ex in case]
+    a.prepare(same_pixels[:1])
+    assert len(calls) == n + 1  # a new image object is prepared (identity, not pixels, is the key)
+    a.prepare([Example(case[0].prompt, " blue", case[0].image)])
+    a.prepare([Example(case[0].prompt, case[0].target, case[0].image, CONTEXT)])
+    assert len(calls) == n + 3
+    a.forget_prepared()
+    a.prepare(case[:1])
+    assert len(calls) == n + 4
+    for i in range(a.prepared_memo_size + 1):  # bounded
+        a.prepare([Example(f"q{i}", " x")])
+    assert len(a.__dict__["_prepared"]) == a.prepared_memo_size

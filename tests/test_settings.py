@@ -271,7 +271,7 @@ def test_plot_draws_lifelong_curves_and_bars(toy, tmp_path, one_thread):
     assert s["metrics"]["reliability"] == s["pre_edit_metrics"]["reliability"] or s["n_probes"] < s["n_cases"]
     _run(data, tmp_path / "runs" / "seq", adapter, method="null", setting="sequential", k=2, limit=4)
     # the lifelong row's n says what its columns are over: the edits, and the probes for locality
-    assert "| 4 (2 probes) |" in render(collect([tmp_path / "runs" / "ll"]))
+    assert "| 4 (2 probes; 2 out of scope) |" in render(collect([tmp_path / "runs" / "ll"]))
     r = CliRunner().invoke(app, ["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig.png")])
     assert r.exit_code == 0, r.output
     for f in ("fig.png", "fig-bars.png"):

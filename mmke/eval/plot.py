@@ -2,7 +2,8 @@
 
 - lifelong runs: metric against the number of edits (log scale), one line per run, with the 95%
   interval as a band; three panels: retention (reliability of every edit so far), generality
-  (T-Gen solid, M-Gen dashed) and locality on the probe set (T-Loc solid, M-Loc dashed);
+  (T-Gen solid, M-Gen dashed) and locality on the probe set (T-Loc solid, M-Loc dashed, M-Loc out
+  of scope of the edits so far dotted: :mod:`mmke.eval.scope`);
 - other runs (one-step, sequential, cross-task): grouped bars, one group per metric (and the mean
   of the five), one bar per run, interval whiskers; one panel per task and setting.
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from mmke.eval.report import SHORT, _cell_intervals, _labels, _section_title, _task_title, expand_cross_task, \
     row_key, section_of
+from mmke.eval.scope import OUT_OF_SCOPE_M_LOCALITY
 from mmke.scoring import METRICS
 
 
@@ -42,7 +44,7 @@ def _run_labels(summaries: list[dict[str, Any]]) -> list[str]:
 def plot_lifelong(summaries: list[dict[str, Any]], out: Path) -> Path:
     plt = _pyplot()
     panels = [("Retention (Rel)", ["reliability"]), ("Generality", ["t_generality", "m_generality"]),
-              ("Locality (probe set)", ["t_locality", "m_locality"])]
+              ("Locality (probe set)", ["t_locality", "m_locality", OUT_OF_SCOPE_M_LOCALITY])]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
     labels = _run_labels(summaries)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -51,16 +53,21 @@ def plot_lifelong(summaries: list[dict[str, Any]], out: Path) -> Path:
         xs = [p["n_edits"] for p in s["curve"]]
         for ax, (_, metrics) in zip(axes, panels):
             for j, m in enumerate(metrics):
-                ys = [100 * p["metrics"][m] for p in s["curve"]]
-                lo = [100 * p["intervals"]["metrics"][m][0] for p in s["curve"]]
-                hi = [100 * p["intervals"]["metrics"][m][1] for p in s["curve"]]
-                ax.plot(xs, ys, "-o" if j == 0 else "--s", color=c, ms=4,
+                pts = [(x, p) for x, p in zip(xs, s["curve"]) if m in p["metrics"]]
+                if not pts:  # a run summarised before the metric existed
+                    continue
+                ys = [100 * p["metrics"][m] for _, p in pts]
+                lo = [100 * p["intervals"]["metrics"][m][0] for _, p in pts]
+                hi = [100 * p["intervals"]["metrics"][m][1] for _, p in pts]
+                ax.plot([x for x, _ in pts], ys, ("-o", "--s", ":^")[j], color=c, ms=4,
                         label=label if j == 0 else None)
-                ax.fill_between(xs, lo, hi, color=c, alpha=0.12, lw=0)
+                if j < 2:
+                    ax.fill_between([x for x, _ in pts], lo, hi, color=c, alpha=0.12, lw=0)
     for ax, (title, metrics) in zip(axes, panels):
         ax.set_xscale("log")
-        ax.set_title(title + (f"  ({SHORT[metrics[0]]} solid, {SHORT[metrics[1]]} dashed)" if len(metrics) > 1 else ""),
-                     fontsize=10)
+        styles = ("solid", "dashed", "dotted")
+        ax.set_title(title + ("  (" + ", ".join(f"{SHORT[m]} {st}" for m, st in zip(metrics, styles)) + ")"
+                              if len(metrics) > 1 else ""), fontsize=9)
         ax.set_xlabel("number of edits")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)

@@ -19,14 +19,23 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mmke.eval.stats import Interval, bootstrap_ci, fmt_interval, paired_difference
+from mmke.eval.scope import OUT_OF_SCOPE_M_LOCALITY
 from mmke.scoring import HARD_M_LOCALITY, METRICS
 from mmke.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 SHORT = {"reliability": "Rel", "t_generality": "T-Gen", "m_generality": "M-Gen",
-         "t_locality": "T-Loc", "m_locality": "M-Loc", HARD_M_LOCALITY: "M-Loc hard", "mean": "Mean"}
+         "t_locality": "T-Loc", "m_locality": "M-Loc", HARD_M_LOCALITY: "M-Loc hard",
+         OUT_OF_SCOPE_M_LOCALITY: "M-Loc out of scope", "mean": "Mean"}
 COLUMNS = list(METRICS) + [HARD_M_LOCALITY, "mean"]
+
+
+def columns(cells: list[dict[str, Any]]) -> list[str]:
+    """The report's columns for a table of these cells: M-Loc out of scope (of the other edits in
+    place, :mod:`mmke.eval.scope`) appears where a run has it (sequential, cross-task, lifelong)."""
+    extra = [OUT_OF_SCOPE_M_LOCALITY] if any(OUT_OF_SCOPE_M_LOCALITY in c for c in cells) else []
+    return list(METRICS) + [HARD_M_LOCALITY] + extra + ["mean"]
 
 # SPEC §6: the MMEdit paper's numbers as reported in the UniKE paper (percent). Reference rows only.
 REFERENCE: dict[str, dict[str, dict[str, list[float]]]] = {
@@ -95,12 +104,12 @@ def _cell_intervals(s: dict[str, Any], exact_match: bool) -> dict[str, Interval]
             rows = case_rows(s["_dir"])
         except (KeyError, FileNotFoundError):
             return {k: Interval(v, v, v, s["n_cases"]) for k, v in means.items()}
-        from mmke.eval.runner import aggregate
+        from mmke.eval.summary import aggregate
 
         ivs = aggregate(rows, seed=s.get("seed", 0))["intervals"][key]
-    n_hard = s.get("n_hard_m_locality", 0)
-    return {k: Interval(means[k], ivs[k][0], ivs[k][1], n_hard if k == HARD_M_LOCALITY else s["n_cases"])
-            for k in means if k in ivs}
+    n_sub = {HARD_M_LOCALITY: s.get("n_hard_m_locality", 0),
+             OUT_OF_SCOPE_M_LOCALITY: s.get("n_out_of_scope_m_locality", 0)}
+    return {k: Interval(means[k], ivs[k][0], ivs[k][1], n_sub.get(k, s["n_cases"])) for k in means if k in ivs}
 
 
 # ---- row keys ---------------------------------------------------------------------------------
@@ -197,7 +206,10 @@ def render(summaries: list[dict[str, Any]], *, fmt: str = "markdown", exact_matc
             f"Mean = mean of the five metrics; M-Loc hard = M-Loc on the cases whose unrelated-image "
             f"question is the edit's own; n = cases"
             + ("; lifelong rows: after the stream's last edit, reliability = retention of every edit, "
-               "locality over the probe set (n = edits (probes))" if "lifelong" in settings else ""))
+               "locality over the probe set (n = edits (probes))" if "lifelong" in settings else "")
+            + ("; M-Loc out of scope = M-Loc on the inputs that no other edit in place reaches by its own "
+               "generality (an edit of the same question class on an image of the same content class)"
+               if any(s.get("n_out_of_scope_m_locality") is not None for s in summaries) else ""))
     if compact:
         note = f"{what}, percent; setting: {', '.join(settings)}; Mean = mean of the five metrics; n = cases per task"
     if fmt == "html":
@@ -263,21 +275,31 @@ def _tables(summaries: list[dict[str, Any]], exact_match: bool, reference: bool,
         tables.append((section, header, body))
     else:
         for t in tasks:
-            header = ["Method"] + [SHORT[c] for c in COLUMNS] + ["n"]
+            cols = columns([row[t][0] for row in rows if t in row])
+            header = ["Method"] + [SHORT[c] for c in cols] + ["n"]
             body = []
             for label, row in zip(labels, rows):
                 if t not in row:
                     continue
                 ivs, n, _ = row[t]
-                n_hard = ivs[HARD_M_LOCALITY].n if HARD_M_LOCALITY in ivs else 0
-                body.append([label] + [fmt_interval(ivs.get(c)) for c in COLUMNS]
-                            + [f"{n}" + (f" ({n_hard} hard)" if n_hard else "")])
+                subs = [f"{ivs[c].n} {word}" for c, word in ((HARD_M_LOCALITY, "hard"),
+                                                             (OUT_OF_SCOPE_M_LOCALITY, "out of scope"))
+                        if c in ivs and ivs[c].n]
+                body.append([label] + [fmt_interval(ivs.get(c)) for c in cols] + [_n_label(n, subs)])
             ns = {row[t][1] for row in rows if t in row}
             title = _task_title(t) + suffix + (" — rows differ in case counts: compare only rows of "
                                                "the same n, or use `mmke compare`" if len(ns) > 1 else "")
             body += _reference_rows([t], compact=False) if reference and t in TASKS else []
             tables.append((title, header, body))
     return tables
+
+
+def _n_label(n: Any, subs: list[str]) -> str:
+    """``"100 (48 hard)"``; a lifelong ``"1000 (100 probes)"`` becomes ``"1000 (100 probes; 63 out of scope)"``."""
+    text = str(n)
+    if not subs:
+        return text
+    return text[:-1] + "; " + ", ".join(subs) + ")" if text.endswith(")") else f"{text} ({', '.join(subs)})"
 
 
 def _n_cell(row: dict, tasks: list[str]) -> str:

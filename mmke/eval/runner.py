@@ -20,11 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import random
 import statistics
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,9 +33,11 @@ from mmke.data.bundled import benchmark_of
 from mmke.data.schema import is_hard_m_loc
 from mmke.editors.base import EditRequest, WeightLedger
 from mmke.eval import distributed
+from mmke.eval.provenance import check_same_run, library_versions
+from mmke.eval.scope import EditScope
 from mmke.eval.settings import Case, Group, groups, interleave, parse_checkpoints
-from mmke.eval.stats import bootstrap_ci
 from mmke.eval.store import CaseStore
+from mmke.eval.summary import aggregate, aggregate_partial, scoped, with_scope
 from mmke.io import atomic_write_json, file_digest
 from mmke.models.base import state_digest
 from mmke.models.placement import placement_record
@@ -49,7 +49,6 @@ from mmke.tasks import TASKS
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
-PLACEMENT_FIELDS = ("device", "device_map")  # RunConfig fields outside a run's identity
 
 
 class RunConfig(BaseModel):
@@ -136,16 +135,6 @@ class RunConfig(BaseModel):
 def _fingerprint(record) -> str:
     raw = json.dumps(record.to_dict(), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("mmke", "torch", "transformers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
 
 
 def resolve_data(cfg: RunConfig) -> RunConfig:
@@ -467,12 +456,13 @@ class Run:
         else:
             keys = {c.key for g in plan for c in g.cases}
             rows = [r for r in store.rows() if r["key"] in keys]  # only this run's cases
+            if cfg.setting != "one-step":
+                rows = with_scope(rows, plan)
             summary.update({"n_cases": len(rows), "n_groups": len(plan), **aggregate(rows, seed=cfg.seed),
                             "pre_edit_metrics": {k: statistics.fmean(r["pre_edit"][k] for r in rows)
                                                  for k in EDIT_METRICS},
                             "timing": {"edit_s_median": statistics.median(r["edit_s"] for r in rows),
-                                       "eval_s_median": statistics.median(r["eval_s"] for r in rows),
-                                       "total_s": elapsed}})
+                                       "eval_s_median": statistics.median(r["eval_s"] for r in rows)}})
             if len(cfg.tasks) > 1:
                 per = {t: [r for r in rows if r.get("task") == t] for t in cfg.tasks}
                 summary["per_task"] = {t: {**aggregate(r, seed=cfg.seed), "n_cases": len(r)} for t, r in per.items()}
@@ -482,18 +472,31 @@ class Run:
             "config": cfg.model_dump(mode="json"),
             "provenance": run["provenance"],
         })
-        if cfg.setting == "lifelong":
-            summary["timing"]["total_s"] = elapsed
+        summary["timing"].update(self._wall_time(elapsed))
         summary.update(extra or {})
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+    def _wall_time(self, elapsed: float) -> dict[str, Any]:
+        """``total_s``: wall seconds of every invocation that reached its summary, this one's
+        ``elapsed`` added to those of the summary it replaces (a resumed or re-summarised run keeps
+        its earlier time; an invocation killed before its summary is not counted)."""
+        try:
+            before = json.loads((self.out / "summary.json").read_text()).get("timing", {})
+        except (OSError, ValueError):
+            before = {}
+        return {"total_s": float(before.get("total_s", 0.0)) + elapsed,
+                "invocations": int(before.get("invocations", 1 if "total_s" in before else 0)) + 1}
 
     def _lifelong_summary(self, store: CaseStore, g: Group) -> dict[str, Any]:
         rows = store.done
         edit_s = [rows[f"edit:{c.key}"]["edit_s"] for c in g.cases]
         curve = []
+        scope = EditScope(c.record for c in g.cases)
         for n in g.checkpoints:
-            cp = [rows[self._row_key(g, n, s.case.key)] for s in g.scored(n)]
+            covered = scope.covered([c.record for c in g.cases[:n]])
+            cp = [scoped(rows[self._row_key(g, n, s.case.key)], scope, s.case.record, covered)
+                  for s in g.scored(n)]
             agg = aggregate_partial(cp, seed=self.cfg.seed)
             agg["n_edits"] = n
             agg["edit_s_median"] = statistics.median(edit_s[max(0, n - 5):n])  # edits n-4..n
@@ -501,7 +504,7 @@ class Run:
         last = curve[-1]
         return {"n_cases": len(g.cases), "n_probes": len(g.probes), "checkpoints": list(g.checkpoints),
                 **{k: last[k] for k in ("metrics", "metrics_exact_match", "mean", "mean_exact_match",
-                                        "intervals", "n_hard_m_locality")},
+                                        "intervals", "n_hard_m_locality", "n_out_of_scope_m_locality") if k in last},
                 "curve": curve,
                 # unedited outputs are computed for the probes only (locality needs them)
                 "pre_edit_metrics": {k: statistics.fmean(rows[self._row_key(g, g.checkpoints[-1], c.key)]["pre_edit"][k]
@@ -527,100 +530,6 @@ class Run:
                 f"{HARD_M_LOCALITY} = M-Loc over the cases whose unrelated-image question is the "
                 "edit's own; pre-edit outputs one case per batch as post-edit; "
                 f"{setting}; intervals: 95% percentile bootstrap over cases")
-
-
-def aggregate(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """Means over cases and their 95% bootstrap intervals: ``metrics`` and
-    ``metrics_exact_match`` (the five metrics, plus the hard M-Locality sub-metric when a case has
-    one), ``mean`` (of the five metrics) and ``intervals`` (lo/hi for each of them)."""
-    out: dict[str, Any] = {}
-    intervals: dict[str, Any] = {}
-    hard = [r for r in rows if r.get("m_loc_hard")]
-    for key in ("metrics", "metrics_exact_match"):
-        per_kind = {k: [r[key][k] for r in rows] for k in METRICS}
-        if hard:
-            per_kind[HARD_M_LOCALITY] = [r[key]["m_locality"] for r in hard]
-        per_kind["mean"] = [statistics.fmean(r[key][k] for k in METRICS) for r in rows]
-        ivs = {k: bootstrap_ci(v, seed=seed) for k, v in per_kind.items()}
-        out[key] = {k: iv.mean for k, iv in ivs.items() if k != "mean"}
-        out["mean" if key == "metrics" else "mean_exact_match"] = ivs["mean"].mean
-        intervals[key] = {k: [iv.lo, iv.hi] for k, iv in ivs.items()}
-    out["n_hard_m_locality"] = len(hard)
-    out["intervals"] = intervals
-    return out
-
-
-def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int = 2000) -> dict[str, Any]:
-    """:func:`aggregate` for rows that hold some of the metrics each (a lifelong checkpoint: edit
-    metrics over the edits so far, locality over the probe set): every metric over the rows that
-    have it; the mean of the five metric means, its interval from resampling each metric's rows
-    independently (seeded)."""
-    import numpy as np
-
-    out: dict[str, Any] = {}
-    intervals: dict[str, Any] = {}
-    hard = [r for r in rows if r.get("m_loc_hard")]
-    for key in ("metrics", "metrics_exact_match"):
-        per_kind = {k: [r[key][k] for r in rows if k in r[key]] for k in METRICS}
-        ivs = {k: bootstrap_ci(v, seed=seed) for k, v in per_kind.items()}
-        if hard:
-            ivs[HARD_M_LOCALITY] = bootstrap_ci([r[key]["m_locality"] for r in hard], seed=seed)
-        rng = np.random.default_rng(seed)
-        draws = np.mean([np.asarray(v, float)[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
-                         for v in per_kind.values()], axis=0)
-        mean = statistics.fmean(ivs[k].mean for k in METRICS)
-        out[key] = {k: iv.mean for k, iv in ivs.items()}
-        out["mean" if key == "metrics" else "mean_exact_match"] = mean
-        intervals[key] = {k: [iv.lo, iv.hi] for k, iv in ivs.items()}
-        intervals[key]["mean"] = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
-    out["n"] = {k: len([r for r in rows if k in r["metrics"]]) for k in METRICS}
-    out["n_hard_m_locality"] = len(hard)
-    out["intervals"] = intervals
-    return out
-
-
-_PROVENANCE_WORDS = {"versions": "library versions", "model_digest": "the model's weights",
-                     "editor_weights_digest": "the editor's trained weights", "data_digest": "the data file",
-                     "train_data_digest": "the train file", "benchmark": "the benchmark build"}
-
-
-def check_same_run(out: Path, old: dict[str, Any], mine: dict[str, Any]) -> None:
-    """Raise a ValueError saying what differs when ``out`` holds another run. Both sides are
-    compared as JSON holds them (a tuple option reads back as a list)."""
-    old, mine = json.loads(json.dumps(old)), json.loads(json.dumps(mine))
-    oc, mc = old.get("config", {}), mine["config"]
-    # a run written before the settings existed was a one-step run
-    if oc and "setting" not in oc and "setting" in mc:
-        oc = {**oc, "setting": "one-step", "k": 1, "checkpoints": [], "probes": 100}
-    if oc and "dtype" not in oc and "dtype" in mc:  # written before --dtype existed: fp32
-        oc = {**oc, "dtype": "fp32"}
-    if oc and "train_image_root" not in oc and "train_image_root" in mc:  # written before the option existed
-        oc = {**oc, "train_image_root": None}
-    # where a run computes (device, device map) is not what it computes: a run may resume elsewhere
-    oc = {k: v for k, v in oc.items() if k not in PLACEMENT_FIELDS}
-    mc = {k: v for k, v in mc.items() if k not in PLACEMENT_FIELDS}
-    if oc != mc:
-        diff = sorted(k for k in set(oc) | set(mc) if oc.get(k) != mc.get(k))
-        raise ValueError(f"{out} holds a run with a different configuration (differs in: "
-                         f"{', '.join(diff)}); use another --out or delete the directory")
-    op, mp = old.get("provenance", {}), mine["provenance"]
-    changed = []
-    # where it ran is not compared; nor the train file, for a method that does not read it (a run
-    # made before such methods stopped hashing it holds its digest)
-    ignored = {"placement"} | ({"train_data_digest"} if mp.get("train_data_digest") is None else set())
-    for k in sorted((set(op) | set(mp)) - ignored):
-        if op.get(k) != mp.get(k):
-            a, b = op.get(k), mp.get(k)
-            if isinstance(a, dict) and isinstance(b, dict):
-                detail = ", ".join(f"{n} {a.get(n)} -> {b.get(n)}" for n in sorted(set(a) | set(b))
-                                   if a.get(n) != b.get(n))
-            else:
-                detail = f"{a} -> {b}"
-            changed.append(f"{_PROVENANCE_WORDS.get(k, k)} ({detail})")
-    if changed:
-        raise ValueError(f"{out} holds a run of the same configuration made with other inputs: "
-                         f"{'; '.join(changed)}; resuming would mix their numbers. Use another --out "
-                         "or delete the directory")
 
 
 def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -208,8 +210,16 @@ class ModelAdapter(ABC):
     #: always batch.
     split_rows_from: int | None = 256
 
+    #: how many recently prepared batches :meth:`prepare` keeps for reuse
+    prepared_memo_size: int = 8
+
     def prepare(self, examples: Sequence[Example]) -> Batch:
-        """Build a teacher-forced batch, applying any installed input transforms first."""
+        """Build a teacher-forced batch, applying any installed input transforms first.
+
+        The last few batches are kept, keyed by what they were built from (prompt, target, context
+        and the image object): a case's inputs are tokenised and their images processed once for its
+        unedited and edited runs. Images are held weakly, so a batch is forgotten when its images go
+        (a run still holds one case's images at a time). Batches are read-only."""
         out = []
         for ex in examples:
             for fn in self.input_transforms:
@@ -217,7 +227,24 @@ class ModelAdapter(ABC):
             if ex.context and not self.supports_context:
                 ex = Example(ex.context + ex.prompt, ex.target, ex.image)
             out.append(ex)
-        return self._prepare(out)
+        memo = self.__dict__.setdefault("_prepared", OrderedDict())
+        for k in [k for k, (_, refs) in memo.items() if any(r() is None for r in refs)]:
+            del memo[k]  # its images are gone (and an id may be reused)
+        key = tuple((ex.prompt, ex.target, ex.context, id(ex.image) if ex.image is not None else None)
+                    for ex in out)
+        if key in memo:
+            memo.move_to_end(key)
+            return memo[key][0]
+        batch = self._prepare(out)
+        memo[key] = (batch, [weakref.ref(ex.image) for ex in out if ex.image is not None])
+        while len(memo) > self.prepared_memo_size:
+            memo.popitem(last=False)
+        return batch
+
+    def forget_prepared(self) -> None:
+        """Drop every kept batch and tokenised context (benchmarks timing a from-scratch cost)."""
+        for name in ("_prepared", "_context_memo"):
+            self.__dict__.pop(name, None)
 
     def image_mask(self, batch: Batch) -> torch.Tensor:
         """[B, T] True at the positions that hold image tokens. Families whose image tokens are

@@ -74,7 +74,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch import nn
 
 from mmke.models.base import Example
-from mmke.models.hf import FamilyLayout, HFAdapter, _register
+from mmke.models.hf import HFAdapter
+from mmke.models.layouts import FamilyLayout, _register
 
 SPEC_FILE = "minigpt4.json"
 IMAGE_MARKER = "<ImageHere>"

@@ -1,0 +1,73 @@
+"""Which M-Locality inputs lie within the reach of edits made beside them.
+
+A benchmark's own generality inputs say how far an edit should reach: to its rephrased question
+(T-Generality, ``rephrase``) and to another image of the same content (M-Generality,
+``image_rephrase``). So images linked by ``image_rephrase`` form one content class and questions
+linked by ``rephrase`` one question class, closed transitively over a run's records. An
+M-Locality input (``m_loc`` image, ``m_loc_q`` question) is *in scope* of a set of edits when one of
+them has its content class and question class: an editor with perfect generality must change that
+answer, so on it "locality" measures the opposite of locality.
+
+With one edit at a time this never happens (the unrelated image is of other content by
+construction), but once many edits are in place it does: on the bundled E-VQA v2, 37 of the 100
+lifelong probes are in scope of the first 1,000 edits of the seed-0 stream. The summaries of
+sequential, cross-task and lifelong runs therefore also report M-Locality over the inputs out of
+scope of every edit in place (``m_locality_out_of_scope``), computed from the stored rows.
+Nothing here needs labels: it works on any MMEdit-layout file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from mmke.data.schema import norm_text
+
+OUT_OF_SCOPE_M_LOCALITY = "m_locality_out_of_scope"
+
+
+class EditScope:
+    """Content classes of images and question classes over ``records`` (MMEdit records: objects
+    with the fields as attributes, or dicts), by union-find."""
+
+    def __init__(self, records: Iterable[Any]) -> None:
+        self._parent: dict[tuple[str, str], tuple[str, str]] = {}
+        for r in records:
+            self._union(("image", _image(r, "image")), ("image", _image(r, "image_rephrase")))
+            self._union(("q", norm_text(_get(r, "src"))), ("q", norm_text(_get(r, "rephrase"))))
+
+    def _find(self, x: tuple[str, str]) -> tuple[str, str]:
+        parent = self._parent
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def _union(self, a: tuple[str, str], b: tuple[str, str]) -> None:
+        self._parent[self._find(a)] = self._find(b)
+
+    def edit_key(self, record: Any) -> tuple:
+        """(content class, question class) of an edit's own input."""
+        return self._find(("image", _image(record, "image"))), self._find(("q", norm_text(_get(record, "src"))))
+
+    def probe_key(self, record: Any) -> tuple:
+        """(content class, question class) of a record's M-Locality input."""
+        return self._find(("image", _image(record, "m_loc"))), self._find(("q", norm_text(_get(record, "m_loc_q"))))
+
+    def covered(self, edits: Sequence[Any]) -> set[tuple]:
+        """The (content, question) classes the edits ``edits`` reach."""
+        return {self.edit_key(r) for r in edits}
+
+
+def _get(record: Any, field: str) -> str:
+    return record[field] if isinstance(record, dict) else getattr(record, field)
+
+
+def _image(record: Any, field: str) -> str:
+    """The image of ``field`` as resolved on disk where the record knows it (one file, one name)."""
+    path = None if isinstance(record, dict) else getattr(record, f"{field}_path", None)
+    return str(path) if path is not None else _get(record, field)
+
+
+__all__ = ["OUT_OF_SCOPE_M_LOCALITY", "EditScope"]

@@ -1,0 +1,98 @@
+"""What a run's stored rows add up to: means over cases with seeded 95% bootstrap intervals, the
+hard and out-of-scope M-Locality sub-metrics, and the scope marks of rows scored with other edits
+in place (:mod:`mmke.eval.scope`). Pure functions of rows: ``mmke report`` recomputes them from
+``cases.jsonl`` for summaries written before intervals existed."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from mmke.eval.scope import OUT_OF_SCOPE_M_LOCALITY, EditScope
+from mmke.eval.settings import Group
+from mmke.eval.stats import bootstrap_ci
+from mmke.scoring import HARD_M_LOCALITY, METRICS
+
+
+def aggregate(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Means over cases and their 95% bootstrap intervals: ``metrics`` and
+    ``metrics_exact_match`` (the five metrics, plus the hard M-Locality sub-metric when a case has
+    one), ``mean`` (of the five metrics) and ``intervals`` (lo/hi for each of them)."""
+    out: dict[str, Any] = {}
+    intervals: dict[str, Any] = {}
+    hard = [r for r in rows if r.get("m_loc_hard")]
+    free = _out_of_scope(rows)
+    for key in ("metrics", "metrics_exact_match"):
+        per_kind = {k: [r[key][k] for r in rows] for k in METRICS}
+        if hard:
+            per_kind[HARD_M_LOCALITY] = [r[key]["m_locality"] for r in hard]
+        if free:
+            per_kind[OUT_OF_SCOPE_M_LOCALITY] = [r[key]["m_locality"] for r in free]
+        per_kind["mean"] = [statistics.fmean(r[key][k] for k in METRICS) for r in rows]
+        ivs = {k: bootstrap_ci(v, seed=seed) for k, v in per_kind.items()}
+        out[key] = {k: iv.mean for k, iv in ivs.items() if k != "mean"}
+        out["mean" if key == "metrics" else "mean_exact_match"] = ivs["mean"].mean
+        intervals[key] = {k: [iv.lo, iv.hi] for k, iv in ivs.items()}
+    out["n_hard_m_locality"] = len(hard)
+    if free is not None:
+        out["n_out_of_scope_m_locality"] = len(free)
+    out["intervals"] = intervals
+    return out
+
+
+def with_scope(rows: list[dict[str, Any]], plan: list[Group]) -> list[dict[str, Any]]:
+    """Rows of a sequential or cross-task run, each marked whether its M-Locality input lies in
+    the scope of an edit of its own group (:mod:`mmke.eval.scope`)."""
+    scope = EditScope(c.record for g in plan for c in g.cases)
+    case_of = {c.key: (c.record, scope.covered([d.record for d in g.cases])) for g in plan for c in g.cases}
+    return [scoped(r, scope, *case_of[r["key"]]) for r in rows]
+
+
+def scoped(row: dict[str, Any], scope: EditScope, record: Any, covered: set[tuple]) -> dict[str, Any]:
+    """A copy of ``row`` marked ``m_loc_in_scope`` where it holds an M-Locality score."""
+    if "m_locality" not in row["metrics"]:
+        return row
+    return {**row, "m_loc_in_scope": scope.probe_key(record) in covered}
+
+
+def _out_of_scope(rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The rows whose M-Locality input is out of every edit's scope; None where rows are unmarked."""
+    marked = [r for r in rows if "m_loc_in_scope" in r]
+    return [r for r in marked if not r["m_loc_in_scope"]] if marked else None
+
+
+def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int = 2000) -> dict[str, Any]:
+    """:func:`aggregate` for rows that hold some of the metrics each (a lifelong checkpoint: edit
+    metrics over the edits so far, locality over the probe set): every metric over the rows that
+    have it; the mean of the five metric means, its interval from resampling each metric's rows
+    independently (seeded)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    intervals: dict[str, Any] = {}
+    hard = [r for r in rows if r.get("m_loc_hard")]
+    free = _out_of_scope(rows)
+    for key in ("metrics", "metrics_exact_match"):
+        per_kind = {k: [r[key][k] for r in rows if k in r[key]] for k in METRICS}
+        ivs = {k: bootstrap_ci(v, seed=seed) for k, v in per_kind.items()}
+        if hard:
+            ivs[HARD_M_LOCALITY] = bootstrap_ci([r[key]["m_locality"] for r in hard], seed=seed)
+        if free:
+            ivs[OUT_OF_SCOPE_M_LOCALITY] = bootstrap_ci([r[key]["m_locality"] for r in free], seed=seed)
+        rng = np.random.default_rng(seed)
+        draws = np.mean([np.asarray(v, float)[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
+                         for v in per_kind.values()], axis=0)
+        mean = statistics.fmean(ivs[k].mean for k in METRICS)
+        out[key] = {k: iv.mean for k, iv in ivs.items()}
+        out["mean" if key == "metrics" else "mean_exact_match"] = mean
+        intervals[key] = {k: [iv.lo, iv.hi] for k, iv in ivs.items()}
+        intervals[key]["mean"] = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
+    out["n"] = {k: len([r for r in rows if k in r["metrics"]]) for k in METRICS}
+    out["n_hard_m_locality"] = len(hard)
+    if free is not None:
+        out["n_out_of_scope_m_locality"] = len(free)
+    out["intervals"] = intervals
+    return out
+
+
+__all__ = ["aggregate", "aggregate_partial", "with_scope", "scoped"]

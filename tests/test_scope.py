@@ -1,0 +1,73 @@
+"""M-Locality inputs within other edits' reach (:mod:`mmke.eval.scope`): content classes of images
+(``image`` ~ ``image_rephrase``) and question classes (``src`` ~ ``rephrase``), and the
+``m_locality_out_of_scope`` sub-metric of sequential and lifelong summaries."""
+
+import json
+
+from mmke.eval.report import render
+from mmke.eval.runner import Run, RunConfig
+from mmke.eval.scope import OUT_OF_SCOPE_M_LOCALITY, EditScope
+from mmke.models.tiny import tiny_llava
+
+from toydata import COLOURS, write_toy_mmedit
+
+
+def rec(image, image_rephrase, src, rephrase, m_loc, m_loc_q):
+    return {"image": image, "image_rephrase": image_rephrase, "src": src, "rephrase": rephrase,
+            "m_loc": m_loc, "m_loc_q": m_loc_q}
+
+
+def test_classes_close_over_rephrases_and_decide_scope():
+    a = rec("a.png", "a2.png", "What color is it?", "what colour is it?", "c.png", "what colour is it?")
+    b = rec("a2.png", "a3.png", "what shape is it?", "which shape is it?", "a3.png", "WHAT COLOR IS IT?")
+    c = rec("c.png", "c2.png", "what shape is it?", "what shape is it?", "a.png", "what size is it?")
+    s = EditScope([a, b, c])
+    # a's probe asks a's question about c.png: no edit asks that question about c.png's content
+    assert s.probe_key(a) not in s.covered([a])  # other content
+    assert s.probe_key(a) not in s.covered([c])  # c.png's class, but the shape question
+    # b's probe: a3.png (linked to a.png through a2.png) with a's question (case and spacing aside)
+    assert s.probe_key(b) in s.covered([a])
+    assert s.probe_key(b) not in s.covered([b, c])
+    assert s.probe_key(c) not in s.covered([a, b, c])  # a question no edit asks
+
+
+def test_lifelong_summary_splits_m_locality_by_scope(tmp_path, one_thread):
+    """Every probe asks the edit question about another colour's image: at the stream's end every
+    colour is edited, so no probe is out of scope; after the first edit, only the probes whose
+    image has the first edit's colour are in scope."""
+    f = write_toy_mmedit(tmp_path, n=len(COLOURS))
+    records = json.loads(f.read_text())
+    for r in records:
+        r["m_loc_q"] = "what colour is the shape?"  # the rephrase: the edit's question class
+    f.write_text(json.dumps(records))
+    cfg = RunConfig(model="tiny-llava", data=str(f), method="null", setting="lifelong", k=len(records),
+                    checkpoints=(1,), probes=len(records))
+    s = Run(cfg, tmp_path / "ll", adapter=tiny_llava(seed=0)).execute()
+    rows = [json.loads(line) for line in (tmp_path / "ll" / "cases.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r.get("edit") == 1)["key"].split(":", 1)[1].split("-")[0]
+    first_colour = records[int(first)]["image"]
+    in_scope = sum(r["m_loc"] == first_colour for r in records)
+    assert in_scope == 1
+    c1, last = s["curve"]
+    assert c1["n_out_of_scope_m_locality"] == len(records) - in_scope
+    assert c1["metrics"][OUT_OF_SCOPE_M_LOCALITY] == 1.0  # a null edit changes nothing
+    assert last["n_out_of_scope_m_locality"] == 0 and OUT_OF_SCOPE_M_LOCALITY not in last["metrics"]
+    assert s["n_out_of_scope_m_locality"] == 0
+
+
+def test_sequential_summary_and_report_show_out_of_scope_m_locality(tmp_path, one_thread):
+    f = write_toy_mmedit(tmp_path, n=4)  # probes ask "what shape ...", which no edit asks
+    cfg = RunConfig(model="tiny-llava", data=str(f), method="null", setting="sequential", k=2)
+    s = Run(cfg, tmp_path / "seq", adapter=tiny_llava(seed=0)).execute()
+    assert s["n_out_of_scope_m_locality"] == 4 and s["metrics"][OUT_OF_SCOPE_M_LOCALITY] == 1.0
+    again = Run(cfg, tmp_path / "seq", adapter=tiny_llava(seed=0)).execute()  # nothing left to do
+    assert again["metrics"] == s["metrics"]
+    # the wall time is every invocation's, not the last one's
+    assert again["timing"]["invocations"] == 2 and again["timing"]["total_s"] > s["timing"]["total_s"]
+    s["_dir"] = str(tmp_path / "seq")
+    text = render([s])
+    assert "M-Loc out of scope" in text and "4 out of scope" in text
+    one = Run(RunConfig(model="tiny-llava", data=str(f), method="null", limit=2), tmp_path / "one",
+              adapter=tiny_llava(seed=0)).execute()
+    assert "n_out_of_scope_m_locality" not in one  # one edit at a time: nothing else in place
+    assert "out of scope" not in render([{**one, "_dir": str(tmp_path / "one")}])
