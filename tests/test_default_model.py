@@ -106,9 +106,39 @@ def test_shared_context_kv_cache_matches_full_forward(adapter, case):
     with torch.no_grad():
         batched = adapter.run(exs)  # one prefix pass, KV cache shared by the three rows
         for i, ex in enumerate(exs):
-            single = adapter.run([ex])  # plain full-sequence forward
-            n = int(single.mask[0].sum())
+            b = adapter.prepare([ex])
+            assert b.inputs["prefix_len"] > 0
+            full = adapter.forward(b)  # one row outside a run: the plain full-sequence forward
+            n = int(b.labels[0].ne(-100).sum())
+            single = adapter.run([ex])  # one row inside a run: the prefix path
             assert torch.allclose(batched.logits[i, :n], single.logits[0, :n], atol=1e-4)
+            assert torch.allclose(single.logits[0, :n], full[0][b.labels[0].roll(-1).ne(-100)][:n], atol=1e-4)
+
+
+def test_a_shared_context_runs_once_for_every_batch_inside_sharing_prefixes(adapter, case, monkeypatch):
+    """Inside ``sharing_prefixes`` (a run, or a whole checkpoint's scoring) the prefix is computed
+    once and reused by later batches that start with it; outside, every batch runs its own; with an
+    editor's hook installed rows run whole."""
+    import mmke.models.default as default
+
+    runs = []
+    real = default.prefix_kv
+    monkeypatch.setattr(default, "prefix_kv", lambda memo, ids, P, run: real(memo, ids, P, lambda: runs.append(P) or run()))
+    ctx = "New Fact: what color is the shape? teal\nPrompt: what color is the shape? teal\n\n"
+    a = [Example(case.prompt, case.target, case.image, context=ctx), Example("a photo of", " a red circle", case.image, context=ctx)]
+    b = [Example("nq question: what is the capital of france?", " paris", None, context=ctx)]
+    with torch.no_grad():
+        with adapter.sharing_prefixes():
+            first, second = adapter.run(a), adapter.run(b)
+        assert len(runs) == 1
+        again = adapter.run(b)  # a run of its own: the prefix again
+        assert len(runs) == 2 and torch.allclose(again.logits, second.logits, atol=1e-5)
+        h = adapter.model.lm.model.layers[0].register_forward_hook(lambda m, i, o: None)
+        try:
+            whole = adapter.run(a)
+        finally:
+            h.remove()
+        assert len(runs) == 2 and torch.allclose(whole.logits, first.logits, atol=1e-4)
 
 
 def test_ike_changes_outputs_and_removal_restores_them(adapter, case, tmp_path):

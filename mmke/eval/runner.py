@@ -407,7 +407,9 @@ class Run:
         ref = self.cfg.m_locality != "top1"
         scored = g.scored(n)
         rows = []
-        with progress() as bar:
+        # the model does not change while a checkpoint is scored: a prefix shared by its cases' inputs
+        # (the in-context knowledge of every edit in place) is computed once for all of them
+        with progress() as bar, adapter.sharing_prefixes():
             task = bar.add_task(f"scoring after {n} edits", total=len(scored)) if g.lifelong else None
             for s in scored:
                 c = s.case

@@ -149,6 +149,29 @@ def has_editor_hooks(model: nn.Module) -> bool:
                for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
+def prefix_kv(memo: dict[Any, Any] | None, ids: torch.Tensor, prefix: int,
+              run_prefix: Callable[[], tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, list]:
+    """(last hidden states [1, P, H], per-layer (keys, values)) of the ``prefix`` first tokens of
+    ``ids``' rows: from ``memo`` (an adapter's :meth:`ModelAdapter.sharing_prefixes`) when it holds
+    them, else from ``run_prefix()`` (returns the hidden states and the filled KV cache), kept there."""
+    key = (ids.device, tuple(ids[0, :prefix].tolist()))
+    if memo is not None and key in memo:
+        return memo[key]
+    h, cache = run_prefix()
+    out = (h, [(layer.keys, layer.values) for layer in cache.layers])
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
+def expanded_cache(kv: list, rows: int, config: Any) -> Any:
+    """A fresh KV cache holding ``kv`` (from :func:`prefix_kv`) repeated for ``rows`` rows (views:
+    the kept tensors are never written to)."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in kv], config=config)
+
+
 def merge_views(views: Sequence[TargetView], groups: Sequence[Sequence[int]], n: int) -> TargetView:
     """Reassemble the views of sub-batches (``groups[g]`` = original indices of ``views[g]``'s
     rows) into one view of ``n`` rows in the original order, padded to the longest target."""

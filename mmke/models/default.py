@@ -22,7 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from mmke.models.base import Batch, Example, ModelAdapter, TargetView, has_editor_hooks, head_at_targets
+from mmke.models.base import (Batch, Example, ModelAdapter, TargetView, expanded_cache, has_editor_hooks,
+                              head_at_targets, prefix_kv)
 from mmke.paths import ASSETS, cache_dir
 from mmke.progress import quiet_loading
 
@@ -140,24 +141,30 @@ class DefaultVLM(nn.Module):
         return emb
 
     def hidden(self, input_ids, attention_mask, vis_mask, pixel_values=None,
-               prefix_len: int = 0) -> torch.Tensor:
-        """Last hidden states [B, T, H]. When every row starts with the same ``prefix_len`` tokens
-        (shared in-context knowledge), the prefix is run once and its KV cache shared."""
-        emb = self.embed(input_ids, vis_mask, pixel_values)
-        B, T, _ = emb.shape
-        if prefix_len <= 0 or B == 1 or prefix_len >= T:
-            return self.lm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+               prefix_len: int = 0, memo: dict | None = None) -> torch.Tensor:
+        """Last hidden states [B, T, H]. When every row starts with the same ``prefix_len`` text
+        tokens (shared in-context knowledge), the prefix is run once and its KV cache shared by the
+        rows; with ``memo`` (:meth:`~mmke.models.base.ModelAdapter.sharing_prefixes`), by every batch
+        that starts with it too."""
         P = prefix_len
-        pre = self.lm.model(inputs_embeds=emb[:1, :P], use_cache=True)
+        if P <= 0 or P >= input_ids.shape[1] or (input_ids.shape[0] == 1 and memo is None) or bool(vis_mask[:, :P].any()):
+            emb = self.embed(input_ids, vis_mask, pixel_values)
+            return self.lm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         # transformers 5.x names the KV cache `cache` (`past_key_values` is deprecated, with a
         # FutureWarning per call); earlier versions know only `past_key_values`
         name = "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters else "past_key_values"
-        cache = pre[name]
-        cache.batch_repeat_interleave(B)
+
+        def run_prefix():
+            pre = self.lm.model(inputs_embeds=self.lm.get_input_embeddings()(input_ids[:1, :P]), use_cache=True)
+            return pre.last_hidden_state, pre[name]
+
+        h_pre, kv = prefix_kv(memo, input_ids, P, run_prefix)
+        B, T = input_ids.shape
+        emb = self.embed(input_ids[:, P:], vis_mask[:, P:], pixel_values)
         pos = torch.arange(P, T, device=emb.device).expand(B, -1)
-        rest = self.lm.model(inputs_embeds=emb[:, P:], attention_mask=attention_mask,
-                             position_ids=pos, use_cache=False, **{name: cache}).last_hidden_state
-        return torch.cat([pre.last_hidden_state.expand(B, -1, -1), rest], 1)
+        rest = self.lm.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                             **{name: expanded_cache(kv, B, self.lm.config)}).last_hidden_state
+        return torch.cat([h_pre.expand(B, -1, -1), rest], 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -291,20 +298,25 @@ class DefaultAdapter(ModelAdapter):
             attn[b, : len(r)] = 1
             lab[b, : len(l)] = torch.tensor(l)
             vm[b, : len(v)] = torch.tensor(v, dtype=torch.bool)
-        # a prefix shared by every row runs once, unless an editor's hook may need whole rows
-        shared = next(iter(contexts)) if len(contexts) == 1 and not has_editor_hooks(self.model) else ""
+        # a prefix shared by every row runs once (unless an editor's hook is installed when it runs)
+        shared = next(iter(contexts)) if len(contexts) == 1 else ""
         inputs = {"input_ids": input_ids, "attention_mask": attn, "vis_mask": vm,
                   "pixel_values": image_to_tensor(images) if images else None,
                   "prefix_len": len(ctx_cache[shared]) if shared else 0}
         return Batch(inputs, lab)
 
+    def _hidden(self, batch: Batch) -> torch.Tensor:
+        inputs = dict(batch.inputs)
+        if has_editor_hooks(self.model):  # an editor's hook may look at whole rows: run them as they are
+            inputs["prefix_len"] = 0
+        return self.model.hidden(**inputs, memo=self._prefix_memo)
+
     def _forward(self, batch: Batch) -> torch.Tensor:
-        h = self.model.hidden(**batch.inputs)
-        return self.model.lm.lm_head(h)
+        return self.model.lm.lm_head(self._hidden(batch))
 
     def _target_view(self, batch: Batch) -> TargetView:
         # Only the positions that predict target tokens go through the 49k-way LM head.
-        return head_at_targets(self.model.hidden(**batch.inputs), batch.labels, self.model.lm.lm_head)
+        return head_at_targets(self._hidden(batch), batch.labels, self.model.lm.lm_head)
 
     def image_mask(self, batch: Batch) -> torch.Tensor:
         return batch.inputs["vis_mask"]

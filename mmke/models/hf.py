@@ -37,7 +37,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mmke.models.base import Batch, Example, ModelAdapter, TargetView, has_editor_hooks, head_at_targets
+from mmke.models.base import (Batch, Example, ModelAdapter, TargetView, expanded_cache, has_editor_hooks,
+                              head_at_targets, prefix_kv)
 from mmke.models.layouts import _image_token_id, _resolve, layout_for
 
 
@@ -262,17 +263,15 @@ class HFAdapter(ModelAdapter):
 
         ids = inputs["input_ids"]
         B, T = ids.shape
-        key = (ids.device, tuple(ids[0, :prefix].tolist()))
-        memo = self._prefix_memo if self._prefix_memo is not None else {}
-        if key not in memo:
+
+        def run_prefix():
             cache = DynamicCache(config=self.model.config)
-            h = self.layout.hidden(self.model, {"input_ids": ids[:1, :prefix],
-                                                "attention_mask": inputs["attention_mask"][:1, :prefix],
-                                                "cache": cache, "use_cache": True})
-            memo[key] = (h, [(layer.keys, layer.values) for layer in cache.layers])
-        h_pre, kv = memo[key]
-        cache = DynamicCache([(k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])) for k, v in kv],
-                             config=self.model.config)
+            return self.layout.hidden(self.model, {"input_ids": ids[:1, :prefix],
+                                                   "attention_mask": inputs["attention_mask"][:1, :prefix],
+                                                   "cache": cache, "use_cache": True}), cache
+
+        h_pre, kv = prefix_kv(self._prefix_memo, ids, prefix, run_prefix)
+        cache = expanded_cache(kv, B, self.model.config)
         # per-token inputs lose the prefix; the attention mask covers cache + rest, as in decoding
         rest = {k: v[:, prefix:] if torch.is_tensor(v) and v.shape == ids.shape and k != "attention_mask" else v
                 for k, v in inputs.items()}
