@@ -52,3 +52,27 @@ def test_reference_layout(tmp_path, one_thread):
         adapter.run([x])
     h2.remove()
     assert json.dumps(h2.meta)  # meta is JSON (saved edits)
+
+
+def test_context_limit_is_said_once_and_counted_per_edit(tmp_path, caplog, one_thread):
+    """Edits sharing a small budget: one warning for the editor, each edit's count in its meta."""
+    import logging
+
+    f = write_toy_mmedit(tmp_path, n=8)
+    recs = load_records(f).records
+    vqa = TASKS["vqa"]
+    adapter = tiny_llava(seed=0)
+    ed = IKEEditor(adapter, IKEConfig(k=4, max_context_tokens=200), train_records=recs, task=vqa)
+    img = Image.new("RGB", (32, 32), (0, 128, 128))
+    handles = []
+    with caplog.at_level(logging.DEBUG, logger="mmke.editors.ike"):
+        for alt in ("teal", "red", "blue"):
+            x = Example(vqa.prompt("what color is the shape?"), f" {alt}", img)
+            handles.append(ed.edit(EditRequest(x, {"src": "what color is the shape?", "alt": alt})))
+    said = [r for r in caplog.records if "context limit" in r.getMessage()]
+    assert [r.levelno for r in said][:1] == [logging.WARNING]
+    assert all(r.levelno == logging.DEBUG for r in said[1:]) and len(said) >= 2
+    assert [h.meta["n_demos_used"] for h in handles][-1] < 4  # three edits share 200 tokens
+    for h in reversed(handles):
+        h.remove()
+    assert not adapter.input_transforms

@@ -107,14 +107,20 @@ class IKEEditor(Editor):
             for j in indices:
                 n = len(tok(self.pool[j], add_special_tokens=False).input_ids)
                 if used + n > share:
-                    log.warning("ike: context limit of %d tokens reached; using %d of %d demonstrations%s",
-                                budget, len(demos), len(indices),
-                                f" for each of {len(edits)} active edits" if len(edits) > 1 else "")
                     break
                 demos.append(self.pool[j])
                 used += n
             parts.append("".join(demos))
             used_n.append(len(demos))
+        if any(u < len(ix) for u, (_, ix) in zip(used_n, edits)):
+            # a warning once per editor, then debug: each edit's count is in its meta (``n_demos_used``)
+            said = getattr(self, "_said_limit", False)
+            log.log(logging.DEBUG if said else logging.WARNING,
+                    "ike: context limit of %d tokens reached; using %d-%d of %d demonstrations per edit%s%s",
+                    budget, min(used_n), max(used_n), max(len(ix) for _, ix in edits),
+                    f" with {len(edits)} active edits" if len(edits) > 1 else "",
+                    "" if said else " (not repeated: each edit's count is in its meta, n_demos_used)")
+            self._said_limit = True
         return "".join(parts) + tail[: -len(query)], query, used_n
 
     def _install(self, meta: dict[str, Any]) -> EditHandle:
