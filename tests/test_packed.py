@@ -206,4 +206,9 @@ def test_latent_bank_one_hook_and_the_single_edit_shift_exactly():
                           tau=0.1, site="layer") for k in knows] if order != (0, 1, 2) else shifts
         for i in order:
             hs[i].remove()
+            live = getattr(adapter, "_latent_banks", {}).get(bank.key)
+            if live is not None:  # the pool is the one the remaining edits would build on their own
+                want = list(dict.fromkeys(r.numpy().tobytes() for e in live.entries.values() for r in e["know"]))
+                assert [r.numpy().tobytes() for r in live._pool] == want
+                assert live._rows == {b: j for j, b in enumerate(want)}
         assert _no_hooks(adapter) and torch.equal(_logits(adapter, [ex]), before)

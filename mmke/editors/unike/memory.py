@@ -210,6 +210,7 @@ class LatentBank:
 
     def add(self, owner: Hashable, know: torch.Tensor, gate: Callable | None = None) -> None:
         know = know.float().to(self.center.device)
+        before = len(self._pool)
         idx = []
         for row in know:
             b = row.detach().cpu().numpy().tobytes()
@@ -217,7 +218,8 @@ class LatentBank:
                 self._rows[b] = len(self._pool)
                 self._pool.append(row.detach())
             idx.append(self._rows[b])
-        self.entries[owner] = {"know": know, "idx": torch.tensor(idx, dtype=torch.long), "gate": gate}
+        self.entries[owner] = {"know": know, "idx": torch.tensor(idx, dtype=torch.long), "gate": gate,
+                               "pool_before": before}
         self._packed = None
 
     def set_gate(self, owner: Hashable, gate: Callable | None) -> None:
@@ -226,9 +228,16 @@ class LatentBank:
             self._packed.pop("calls", None)
 
     def remove(self, owner: Hashable) -> None:
-        if self.entries.pop(owner, None) is None:
+        last = next(reversed(self.entries), None) == owner
+        e = self.entries.pop(owner, None)
+        if e is None:
             return
         self._packed = None
+        if last and self.entries:  # the latest edit (a stream undone from its end): drop the rows it added
+            cut = e["pool_before"]
+            del self._pool[cut:]
+            self._rows = {b: i for b, i in self._rows.items() if i < cut}
+            return
         if not self.entries:
             self._handle.remove()
             banks = getattr(self.adapter, "_latent_banks", {})
