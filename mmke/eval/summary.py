@@ -44,7 +44,10 @@ def with_scope(rows: list[dict[str, Any]], plan: list[Group]) -> list[dict[str, 
     """Rows of a sequential or cross-task run, each marked whether its M-Locality input lies in
     the scope of an edit of its own group (:mod:`mmke.eval.scope`)."""
     scope = EditScope(c.record for g in plan for c in g.cases)
-    case_of = {c.key: (c.record, scope.covered([d.record for d in g.cases])) for g in plan for c in g.cases}
+    case_of = {}
+    for g in plan:
+        covered = scope.covered([c.record for c in g.cases])  # once per group
+        case_of.update({c.key: (c.record, covered) for c in g.cases})
     return [scoped(r, scope, *case_of[r["key"]]) for r in rows]
 
 
