@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mmke.cli import _parse_sets
 from mmke.editors.base import EditRequest
 from mmke.eval.runner import Run, RunConfig
 from mmke.io import atomic_write_json
@@ -50,18 +51,22 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16, help="inputs of the fixed inference batch")
     ap.add_argument("--repeats", type=int, default=7, help="timed forward passes (median)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="method option, as `mmke run --set` (repeatable), e.g. value_init=cancel")
     ap.add_argument("--every", type=int, default=50, help="progress line every this many edits")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON of the numbers (default: runs/bench/lifelong-<method>-<edits>.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or Path(f"runs/bench/lifelong-{args.method}-{args.edits}.json")
+    sets = _parse_sets(args.sets)
+    tag = "".join(f"-{k}={v}" for k, v in sets.items())
+    out = args.out or Path(f"runs/bench/lifelong-{args.method}{tag}-{args.edits}.json")
     torch.manual_seed(0)
     adapter = load_model("default")
     task = TASKS[args.task]
     with tempfile.TemporaryDirectory() as tmp:
-        r = Run(RunConfig(task=args.task, method=args.method), tmp, adapter=adapter)
+        r = Run(RunConfig(task=args.task, method=args.method, method_config=sets), tmp, adapter=adapter)
         records, _ = r.load_records()
         editor = r.editor(adapter)
 
@@ -109,7 +114,7 @@ def main() -> None:
     for w in windows.values():
         w["ratio_to_edit_1"] = w["median_s"] / base
         w["per_step_ratio_to_edit_1"] = w["median_s_per_step"] / base_step
-    row = {"method": args.method, "task": args.task, "edits": args.edits, "probes": len(probe_ex),
+    row = {"method": args.method, "method_config": sets, "task": args.task, "edits": args.edits, "probes": len(probe_ex),
            "repeats": args.repeats, "edit_time_windows": windows,
            "unedited_forward_s": unedited, "edited_forward_s": edited, "inference_ratio": edited / unedited,
            "edit_times_s": times, "edit_steps": steps}
