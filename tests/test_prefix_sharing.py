@@ -183,9 +183,12 @@ def test_a_case_is_tokenised_once_for_its_unedited_and_edited_runs(family):
     a.prepare([Example(case[0].prompt, " blue", case[0].image)])
     a.prepare([Example(case[0].prompt, case[0].target, case[0].image, CONTEXT)])
     assert len(calls) == n + 3
+    kept_contexts = "_context_memo" in a.__dict__  # hf adapters keep tokenised contexts too
     a.forget_prepared()
+    assert "_prepared" not in a.__dict__ and "_context_memo" not in a.__dict__
     a.prepare(case[:1])
     assert len(calls) == n + 4
     for i in range(a.prepared_memo_size + 1):  # bounded
         a.prepare([Example(f"q{i}", " x")])
     assert len(a.__dict__["_prepared"]) == a.prepared_memo_size
+    assert kept_contexts

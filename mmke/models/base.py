@@ -265,9 +265,9 @@ class ModelAdapter(ABC):
         return batch
 
     def forget_prepared(self) -> None:
-        """Drop every kept batch and tokenised context (benchmarks timing a from-scratch cost)."""
-        for name in ("_prepared", "_context_memo"):
-            self.__dict__.pop(name, None)
+        """Drop every kept batch (benchmarks timing a from-scratch cost); adapters that keep more
+        (tokenised contexts) drop that too."""
+        self.__dict__.pop("_prepared", None)
 
     def image_mask(self, batch: Batch) -> torch.Tensor:
         """[B, T] True at the positions that hold image tokens. Families whose image tokens are

@@ -199,6 +199,10 @@ class HFAdapter(ModelAdapter):
                     [im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         return Batch(inputs, labels)
 
+    def forget_prepared(self) -> None:
+        super().forget_prepared()
+        self.__dict__.pop("_context_memo", None)
+
     def _context_ids(self, context: str) -> list[int]:
         """BOS + the ids of an in-context prefix (image markers dropped), kept for the few latest
         contexts: IKE's demonstrations are thousands of tokens, shared by a case's batches."""
