@@ -71,3 +71,25 @@ def test_sequential_summary_and_report_show_out_of_scope_m_locality(tmp_path, on
               adapter=tiny_llava(seed=0)).execute()
     assert "n_out_of_scope_m_locality" not in one  # one edit at a time: nothing else in place
     assert "out of scope" not in render([{**one, "_dir": str(tmp_path / "one")}])
+
+
+def test_compare_pairs_out_of_scope_m_locality_over_cases_out_of_scope_in_both(tmp_path, one_thread):
+    """`mmke compare` of two sequential runs adds the out-of-scope M-Loc row over the cases whose
+    probe is out of scope in both runs; a one-step run has no such row to pair."""
+    from mmke.eval.report import compare
+
+    f = write_toy_mmedit(tmp_path, n=len(COLOURS))
+    records = json.loads(f.read_text())
+    for r in records[::2]:  # the edit's own question about its own image: in scope in any group
+        r["m_loc"], r["m_loc_q"] = r["image"], r["rephrase"]
+    f.write_text(json.dumps(records))
+    n_free = len(records[1::2])
+    for out in ("a", "b"):
+        cfg = RunConfig(model="tiny-llava", data=str(f), method="null", setting="sequential", k=2)
+        s = Run(cfg, tmp_path / out, adapter=tiny_llava(seed=0)).execute()
+        assert s["n_out_of_scope_m_locality"] == n_free
+    c = compare(tmp_path / "a", tmp_path / "b")
+    assert c["rows"][OUT_OF_SCOPE_M_LOCALITY]["n"] == n_free and c["rows"][OUT_OF_SCOPE_M_LOCALITY]["diff"] == 0.0
+    Run(RunConfig(model="tiny-llava", data=str(f), method="null"), tmp_path / "one",
+        adapter=tiny_llava(seed=0)).execute()
+    assert OUT_OF_SCOPE_M_LOCALITY not in compare(tmp_path / "a", tmp_path / "one")["rows"]

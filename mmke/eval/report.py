@@ -369,6 +369,10 @@ def compare(dir_a: str | Path, dir_b: str | Path, *, exact_match: bool = False, 
     hard = [c for c in shared if ra[c].get("m_loc_hard")]
     if hard:
         cols[HARD_M_LOCALITY] = ([ra[c][key]["m_locality"] for c in hard], [rb[c][key]["m_locality"] for c in hard])
+    free = _out_of_scope_in_both(dir_a, dir_b, shared)
+    if free:
+        cols[OUT_OF_SCOPE_M_LOCALITY] = ([ra[c][key]["m_locality"] for c in free],
+                                         [rb[c][key]["m_locality"] for c in free])
     cols["mean"] = ([sum(ra[c][key][k] for k in METRICS) / len(METRICS) for c in shared],
                     [sum(rb[c][key][k] for k in METRICS) / len(METRICS) for c in shared])
     for k, (a, b) in cols.items():
@@ -377,6 +381,18 @@ def compare(dir_a: str | Path, dir_b: str | Path, *, exact_match: bool = False, 
                           "lo": pd.diff.lo, "hi": pd.diff.hi, "p_value": pd.p_value, "n": len(a),
                           "a_ci": bootstrap_ci(a, seed=seed).as_dict(), "b_ci": bootstrap_ci(b, seed=seed).as_dict()}
     return out
+
+
+def _out_of_scope_in_both(dir_a: str | Path, dir_b: str | Path, shared: list[str]) -> list[str]:
+    """The shared cases whose M-Locality input is out of scope of the other edits in place in both
+    runs (sequential and cross-task runs; empty for others)."""
+    from mmke.eval.runner import run_scope_marks
+
+    ma = run_scope_marks(dir_a)
+    mb = run_scope_marks(dir_b) if ma is not None else None
+    if ma is None or mb is None:
+        return []
+    return [c for c in shared if ma.get(c) is False and mb.get(c) is False]
 
 
 def render_compare(c: dict[str, Any]) -> str:

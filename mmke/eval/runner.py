@@ -37,7 +37,7 @@ from mmke.eval.provenance import check_same_run, library_versions
 from mmke.eval.scope import EditScope
 from mmke.eval.settings import Case, Group, groups, interleave
 from mmke.eval.store import CaseStore
-from mmke.eval.summary import aggregate, aggregate_partial, scoped, with_scope
+from mmke.eval.summary import aggregate, aggregate_partial, scope_marks, scoped, with_scope
 from mmke.io import atomic_write_json, file_digest
 from mmke.models.base import state_digest
 from mmke.models.placement import placement_record
@@ -418,6 +418,22 @@ class Run:
                 f"{HARD_M_LOCALITY} = M-Loc over the cases whose unrelated-image question is the "
                 "edit's own; pre-edit outputs one case per batch as post-edit; "
                 f"{setting}; intervals: 95% percentile bootstrap over cases")
+
+
+def run_scope_marks(run_dir: str | Path) -> dict[str, bool] | None:
+    """:func:`~mmke.eval.summary.scope_marks` of a finished sequential or cross-task run, from its
+    ``run.json`` (its data files are read again); None for other settings, or where the run's data
+    can no longer be read."""
+    try:
+        cfg = RunConfig(**json.loads((Path(run_dir) / RUN_FILE).read_text())["config"])
+        if cfg.setting in ("one-step", "lifelong"):
+            return None
+        r = Run(cfg, run_dir)
+        cases, _ = r.stream()
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("%s: no scope marks (%s)", run_dir, e)
+        return None
+    return scope_marks(groups(cfg.setting, cases, cfg.k, cfg.checkpoints, cfg.probes))
 
 
 def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:

@@ -40,15 +40,22 @@ def aggregate(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def with_scope(rows: list[dict[str, Any]], plan: list[Group]) -> list[dict[str, Any]]:
-    """Rows of a sequential or cross-task run, each marked whether its M-Locality input lies in
-    the scope of an edit of its own group (:mod:`mmke.eval.scope`)."""
+def scope_marks(plan: list[Group]) -> dict[str, bool]:
+    """Per case key of a sequential or cross-task plan: whether its M-Locality input lies in the
+    scope of an edit of its own group (:mod:`mmke.eval.scope`)."""
     scope = EditScope(c.record for g in plan for c in g.cases)
-    case_of = {}
+    marks = {}
     for g in plan:
         covered = scope.covered([c.record for c in g.cases])  # once per group
-        case_of.update({c.key: (c.record, covered) for c in g.cases})
-    return [scoped(r, scope, *case_of[r["key"]]) for r in rows]
+        marks.update({c.key: scope.probe_key(c.record) in covered for c in g.cases})
+    return marks
+
+
+def with_scope(rows: list[dict[str, Any]], plan: list[Group]) -> list[dict[str, Any]]:
+    """Rows of a sequential or cross-task run, those with an M-Locality score marked
+    ``m_loc_in_scope`` (:func:`scope_marks`)."""
+    marks = scope_marks(plan)
+    return [{**r, "m_loc_in_scope": marks[r["key"]]} if "m_locality" in r["metrics"] else r for r in rows]
 
 
 def scoped(row: dict[str, Any], scope: EditScope, record: Any, covered: set[tuple]) -> dict[str, Any]:
@@ -98,4 +105,4 @@ def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int 
     return out
 
 
-__all__ = ["aggregate", "aggregate_partial", "with_scope", "scoped"]
+__all__ = ["aggregate", "aggregate_partial", "scope_marks", "with_scope", "scoped"]
