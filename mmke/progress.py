@@ -18,21 +18,33 @@ LOG_EVERY_S = float(os.environ.get("MMKE_PROGRESS_EVERY", 60))
 
 
 class LineProgress:
-    """The subset of :class:`rich.progress.Progress` mmke uses, printing lines instead of a bar."""
+    """The subset of :class:`rich.progress.Progress` mmke uses, printing lines instead of a bar.
+    A phase that starts (in this or a nested progress) first prints the unprinted counts of those
+    still open: a burst of quick steps before a long phase is not lost until that phase ends."""
+
+    _open: list["LineProgress"] = []  # entered and not exited, outermost first
 
     def __init__(self, every_s: float = LOG_EVERY_S) -> None:
         self.every_s = every_s
         self.tasks: dict[int, dict[str, Any]] = {}
 
     def __enter__(self) -> "LineProgress":
+        LineProgress._open.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self in LineProgress._open:
+            LineProgress._open.remove(self)
+        self._flush()
+
+    def _flush(self) -> None:
         for tid, t in self.tasks.items():
             if t["done"] != t["last_done"]:
                 self._line(tid)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_: Any) -> int:
+        for p in LineProgress._open:
+            p._flush()
         tid = len(self.tasks)
         now = time.monotonic()
         self.tasks[tid] = {"desc": description, "total": total, "done": completed, "start": now, "start_done": completed,

@@ -278,3 +278,24 @@ def test_plot_draws_lifelong_curves_and_bars(toy, tmp_path, one_thread):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = CliRunner().invoke(app, ["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig.txt")])
     assert r.exit_code == 2 and ".png, .pdf or .svg" in r.output
+
+
+def test_progress_lines_of_a_log_say_where_a_sequential_run_is(toy, tmp_path, capsys, monkeypatch, one_thread):
+    """In a log (no terminal), a group's scoring has its own line, and starting it first prints
+    the edits counted since the last line (they are not held back until the next minute)."""
+    from mmke.progress import LineProgress
+
+    monkeypatch.delenv("MMKE_QUIET", raising=False)  # the suite runs quiet
+    with LineProgress() as outer:
+        t = outer.add_task("edits", total=10)
+        for _ in range(3):
+            outer.update(t, advance=1)
+        with LineProgress() as inner:
+            inner.add_task("scoring", total=2)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == ["edits: 0/10", "edits: 3/10", "scoring: 0/2"]
+    cfg = RunConfig(model="tiny-llava", data=str(toy[0]), method="null", setting="sequential", k=2, limit=4)
+    Run(cfg, tmp_path / "seq", adapter=tiny_llava(seed=0)).execute()
+    err = capsys.readouterr().err
+    assert "scoring group 1: 0/2" in err and "scoring group 2: 0/2" in err
+    assert err.index("edits (K = 2): 2/4") < err.index("scoring group 1: 0/2")

@@ -296,7 +296,8 @@ class Run:
         # the model does not change while a checkpoint is scored: a prefix shared by its cases' inputs
         # (the in-context knowledge of every edit in place) is computed once for all of them
         with progress() as bar, adapter.sharing_prefixes():
-            task = bar.add_task(f"scoring after {n} edits", total=len(scored)) if g.lifelong else None
+            label = f"scoring after {n} edits" if g.lifelong else f"scoring group {g.index + 1}"
+            task = bar.add_task(label, total=len(scored)) if len(scored) > 1 else None
             for s in scored:
                 c = s.case
                 tv = time.perf_counter()
