@@ -227,6 +227,12 @@ def test_list_options_explains_a_method():
     r = CliRunner().invoke(app, ["list", "options", "t-patcher"])
     assert r.exit_code == 0 and "max_neurons" in r.output and "one per mistaken target token" in r.output
     assert CliRunner().invoke(app, ["list", "options", "nope"]).exit_code == 2
+    # a meaning whose comment continues on the next lines is given whole; section rules are not
+    from mmke.editors.unike.editor import UniKEPlusConfig
+
+    docs = {k: d for k, _v, d in UniKEPlusConfig.option_docs()}
+    assert docs["image_gate"].endswith("above lo with the edit image's (fully above hi); unike-plus")
+    assert "----" not in docs["stop_loss"] + docs["seed"] + docs["s_quantile"]
 
 
 def test_generate_shows_the_edited_answer_as_text(one_thread):

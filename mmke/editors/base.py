@@ -72,8 +72,10 @@ class EditorConfig(BaseModel):
                 src = inspect.getsource(klass)
             except (OSError, TypeError):
                 continue
-            for m in re.finditer(r"^\s+(\w+):[^\n#]*?#\s*(.+)$", src, re.M):
-                notes[m.group(1)] = m.group(2).strip()
+            # the comment beside the field, and the comment-only lines that continue it
+            for m in re.finditer(r"^\s+(\w+):[^\n#]*?#\s*(.+)$((?:\n[ \t]+#(?! -).*$)*)", src, re.M):
+                more = [ln.strip().lstrip("#").strip() for ln in m.group(3).splitlines() if ln.strip()]
+                notes[m.group(1)] = " ".join([m.group(2).strip(), *more])
         return [(k, f.default, notes.get(k, "")) for k, f in cls.model_fields.items()]
 
 
