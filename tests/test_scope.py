@@ -93,3 +93,22 @@ def test_compare_pairs_out_of_scope_m_locality_over_cases_out_of_scope_in_both(t
     Run(RunConfig(model="tiny-llava", data=str(f), method="null"), tmp_path / "one",
         adapter=tiny_llava(seed=0)).execute()
     assert OUT_OF_SCOPE_M_LOCALITY not in compare(tmp_path / "a", tmp_path / "one")["rows"]
+
+
+def test_contradictions_count_pairs_repeats_and_retention_bounds():
+    """Edits of one (content, question) pair: a repeat with the same target, one with another;
+    an editor with perfect generality within the pair keeps at most the latest or the commonest."""
+    from mmke.eval.scope import contradictions
+
+    def e(image, image_rephrase, alt, src="what color is it?"):
+        return {**rec(image, image_rephrase, src, src, "z.png", "what size?"), "alt": alt}
+
+    stream = [e("a.png", "a2.png", "red"), e("a2.png", "a3.png", " Red"),  # same pair, same target
+              e("a3.png", "a4.png", "blue"),  # the pair again (a3 ~ a2 ~ a), another target
+              e("b.png", "b2.png", "red"),  # another pair
+              e("a.png", "a2.png", "red", src="what shape is it?")]  # another question class
+    first, last = contradictions(stream, [2, 5])
+    assert first == {"n_edits": 2, "classes": 1, "same_target": 1, "contradicting": 0,
+                     "latest_wins": 1.0, "best_consistent": 1.0}
+    assert (last["classes"], last["same_target"], last["contradicting"]) == (3, 1, 1)
+    assert last["latest_wins"] == 3 / 5 and last["best_consistent"] == 4 / 5

@@ -60,6 +60,37 @@ class EditScope:
         return {self.edit_key(r) for r in edits}
 
 
+def contradictions(records: Sequence[Any], checkpoints: Sequence[int]) -> list[dict[str, Any]]:
+    """How a stream of edits (``records`` in edit order) contradicts itself, after the first n of
+    them for each n of ``checkpoints``: ``classes``, the distinct (content class, question class)
+    pairs edited; ``same_target``, edits of a pair edited before with the same target;
+    ``contradicting``, edits of a pair edited before with another target; and the retention an
+    editor with perfect generality within each pair can reach at most (``latest_wins``: each pair
+    answers its latest target; ``best_consistent``: each pair answers its most frequent one).
+    An editor above these keeps edits apart that the benchmark's own generality inputs say are
+    one (it must then fail M-Generality on them)."""
+    scope = EditScope(records)
+    keys = [scope.edit_key(r) for r in records]
+    targets = [norm_text(_get(r, "alt")) for r in records]
+    out = []
+    for n in checkpoints:
+        seen: dict[tuple, list[str]] = {}
+        same = contra = 0
+        for k, t in zip(keys[:n], targets[:n]):
+            before = seen.setdefault(k, [])
+            if before:
+                if any(b != t for b in before):
+                    contra += 1
+                else:
+                    same += 1
+            before.append(t)
+        latest = sum(ts.count(ts[-1]) for ts in seen.values())
+        best = sum(max(ts.count(t) for t in set(ts)) for ts in seen.values())
+        out.append({"n_edits": n, "classes": len(seen), "same_target": same, "contradicting": contra,
+                    "latest_wins": latest / n, "best_consistent": best / n})
+    return out
+
+
 def _get(record: Any, field: str) -> str:
     return record[field] if isinstance(record, dict) else getattr(record, field)
 
@@ -70,4 +101,4 @@ def _image(record: Any, field: str) -> str:
     return str(path) if path is not None else _get(record, field)
 
 
-__all__ = ["OUT_OF_SCOPE_M_LOCALITY", "EditScope"]
+__all__ = ["OUT_OF_SCOPE_M_LOCALITY", "EditScope", "contradictions"]

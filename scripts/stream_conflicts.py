@@ -1,0 +1,66 @@
+"""How a lifelong run's stream of edits contradicts itself, at each checkpoint: distinct (content
+class, question class) pairs edited, edits that repeat a pair with the same target or contradict it
+with another, and the highest retention an editor with perfect generality within each pair can
+reach (:func:`mmke.eval.scope.contradictions`). Then, per run given, retention at the last
+checkpoint split into the edits whose target is still their pair's latest and those a later edit
+of the same pair overrode.
+
+    .venv/bin/python scripts/stream_conflicts.py runs/ll/vqa-grace runs/ll/vqa-serac-mm
+
+Reads each run's ``run.json`` and its data file (the stream is rebuilt in the run's seeded order);
+the stream table is the first run's. Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mmke.data.schema import norm_text
+from mmke.eval.runner import RUN_FILE, Run, RunConfig
+from mmke.eval.scope import EditScope, contradictions
+from mmke.eval.store import CaseStore
+
+
+def stream(run_dir: Path):
+    cfg = RunConfig(**json.loads((run_dir / RUN_FILE).read_text())["config"])
+    if cfg.setting != "lifelong":
+        raise SystemExit(f"{run_dir}: a {cfg.setting} run; this reads lifelong runs")
+    cases, _ = Run(cfg, run_dir).stream()
+    return cfg, cases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dirs", type=Path, nargs="+")
+    args = ap.parse_args()
+    cfg, cases = stream(args.run_dirs[0])
+    records = [c.record for c in cases[: cfg.k]]
+    print(f"{args.run_dirs[0]}: {len(records)} edits in stream order (seed {cfg.seed})\n")
+    print("| edits | pairs edited | same pair, same target | same pair, other target | "
+          "retention bound: latest wins | retention bound: best per pair |")
+    print("|---|---|---|---|---|---|")
+    for c in contradictions(records, cfg.checkpoints):
+        print(f"| {c['n_edits']} | {c['classes']} | {c['same_target']} | {c['contradicting']} | "
+              f"{100 * c['latest_wins']:.1f} | {100 * c['best_consistent']:.1f} |")
+    print("\n| run | retention | on edits still their pair's latest target | on edits a later edit overrode |")
+    print("|---|---|---|---|")
+    for d in args.run_dirs:
+        cfg, cases = stream(d)
+        n = cfg.checkpoints[-1]
+        scope = EditScope(c.record for c in cases)
+        latest = {scope.edit_key(c.record): norm_text(c.record.alt) for c in cases[:n]}
+        rel = {r["key"]: r["metrics"]["reliability"] for r in CaseStore(d / "cases.jsonl").rows()
+               if r.get("checkpoint") == n and "reliability" in r["metrics"]}
+        kept, over = [], []
+        for c in cases[:n]:
+            v = rel.get(f"cp{n}:{c.key}")
+            if v is not None:
+                (kept if norm_text(c.record.alt) == latest[scope.edit_key(c.record)] else over).append(v)
+        mean = lambda v: f"{100 * sum(v) / len(v):.1f} (n = {len(v)})" if v else "–"  # noqa: E731
+        print(f"| {d} | {mean(kept + over)} | {mean(kept)} | {mean(over)} |")
+
+
+if __name__ == "__main__":
+    main()
