@@ -43,6 +43,8 @@ METHODS: dict[str, Entry] = {e.name: e for e in [
           "SERAC with mmke's image-aware scope classifier: the edit's question about another image is out of scope"),
     Entry("grace", "mmke.editors.grace:GraceEditor",
           "GRACE: a shared codebook of keys and values with deferral radii at one late LM FFN value projection"),
+    Entry("grace-mm", "mmke.editors.grace:GraceMMEditor",
+          "mmke's GRACE: each codebook entry made on an image answers only inputs whose image resembles the edit's"),
     Entry("wise", "mmke.editors.wise:WiseEditor",
           "WISE: a routed side memory of one late LM FFN value matrix, trained in masked shards, TIES-merged"),
     Entry("unike", "mmke.editors.unike:UniKEEditor",

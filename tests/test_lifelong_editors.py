@@ -188,3 +188,58 @@ def test_real_edits_on_the_default_model(method, default_adapter):
         for h in reversed(handles):
             h.remove()
         assert state_digest(default_adapter.model) == digest
+
+
+def _grace_mm(adapter, records, **kw):
+    from mmke.editors.grace import GraceMMEditor
+
+    return GraceMMEditor(adapter, GraceMMEditor.Config(layer=-1, eps_init=1e6, **kw), task=TASKS["vqa"],
+                         train_records=records)
+
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_blip2])
+def test_grace_mm_entry_answers_only_inputs_with_a_similar_image(build, records, tmp_path):
+    """With a radius that takes every query, GRACE answers the edit's question about any image;
+    grace-mm only about an image whose signature passes the gate (the edit's own), and never a
+    text-only input. The edit is saved with its signature, reloads to the same outputs and
+    unwinds exactly."""
+    from mmke.editors.grace import GraceMMEditor
+
+    adapter = build()
+    red, blue = (Image.open(r.image_path).convert("RGB") for r in records[:2])
+    edit = Example("what color is the shape?", " red", blue)
+    other = Example("what color is the shape?", " red", red)  # the same question, another image
+    probes = [edit, other, OTHER]
+    before = _logits(adapter, probes)
+    plain = GraceEditor(adapter, GraceConfig(layer=-1, eps_init=1e6))
+    h = plain.edit(EditRequest(edit))
+    after = _logits(adapter, probes)
+    assert not torch.equal(after[1], before[1])  # GRACE: the question alone matches the key
+    h.remove()
+    ed = _grace_mm(adapter, records)
+    assert GraceMMEditor.uses_train_records(ed.config) and editor_class("grace-mm") is GraceMMEditor
+    h = ed.edit(EditRequest(edit))
+    assert h.meta["image_gated"] and "sig" in h.tensors
+    after = _logits(adapter, probes)
+    assert not torch.equal(after[0], before[0])  # the edit's own input takes the value
+    assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])  # gate closed
+    h.save(tmp_path / "e")
+    h.remove()
+    assert torch.equal(_logits(adapter, probes), before)
+    h2 = _grace_mm(adapter, records).load(tmp_path / "e")
+    assert torch.equal(_logits(adapter, probes), after)
+    h2.remove()
+    assert torch.equal(_logits(adapter, probes), before) and "prepare" not in adapter.__dict__
+
+
+def test_grace_mm_text_edits_stay_ungated_and_the_gate_needs_train_records(records):
+    adapter = tiny_llava()
+    ed = _grace_mm(adapter, records)
+    h = ed.edit(EditRequest(EDITS[2]))  # no image: an ordinary GRACE entry, open for every input
+    assert not h.meta["image_gated"] and "sig" not in h.tensors
+    assert ed.book(ed.layer).open_for(None, 1).all()
+    h.remove()
+    from mmke.editors.grace import GraceMMEditor
+
+    with pytest.raises(ValueError, match="train"):
+        GraceMMEditor(adapter, GraceMMEditor.Config(layer=-1))

@@ -157,17 +157,40 @@ class TappedHook:
 
 
 class GraceRecord:
-    """One edit as the codebook sees it."""
+    """One edit as the codebook sees it (``sig``: its image signature, grace-mm; None: ungated)."""
 
-    def __init__(self, rid: int, key: torch.Tensor, value: torch.Tensor, label: str) -> None:
-        self.rid, self.key, self.value, self.label = rid, key, value, label
+    def __init__(self, rid: int, key: torch.Tensor, value: torch.Tensor, label: str,
+                 sig: torch.Tensor | None = None) -> None:
+        self.rid, self.key, self.value, self.label, self.sig = rid, key, value, label, sig
+
+
+class ImageGate:
+    """grace-mm's gate: an entry made on an image answers only inputs whose image resembles it.
+
+    An input's image signature is the mean of the wrapped projection's input over its image-token
+    positions, centred on ``center`` (the mean signature of train-split inputs) and scaled to unit
+    length; an entry is open for an input when the cosine of their signatures is at least
+    ``threshold``. Inputs without an image open no image-made entry; entries made without an image
+    stay open for every input (GRACE's own behaviour)."""
+
+    def __init__(self, center: torch.Tensor, threshold: float) -> None:
+        self.center, self.threshold = center.float().cpu(), float(threshold)
+
+    def signatures(self, a3: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, I] unit signatures of rows ``a3`` [B, T, I] (zero rows: no image); None: no image at all."""
+        if image_mask is None or image_mask.shape != a3.shape[:2] or not bool(image_mask.any()):
+            return None
+        m = image_mask.to(a3.device, torch.float32)[..., None]
+        n = m.sum(1)
+        sig = (a3.float() * m).sum(1) / n.clamp(min=1) - self.center.to(a3.device)
+        return torch.nn.functional.normalize(sig, dim=-1) * (n > 0)
 
 
 class Codebook(TappedHook):
     """Keys, values, radii and labels at one layer, rebuilt from the surviving records."""
 
-    def __init__(self, adapter: ModelAdapter, layer: int, eps_init: float) -> None:
-        self.adapter, self.layer, self.eps_init = adapter, layer, eps_init
+    def __init__(self, adapter: ModelAdapter, layer: int, eps_init: float, gate: ImageGate | None = None) -> None:
+        self.adapter, self.layer, self.eps_init, self.gate = adapter, layer, eps_init, gate
         self.site = adapter.site(f"lm.ffn_value.{layer}")
         self.records: list[GraceRecord] = []
         self._next = 0
@@ -181,13 +204,29 @@ class Codebook(TappedHook):
         self.values = torch.zeros(0, 0)
         self.eps = torch.zeros(0)
         self.labels: list[str] = []
+        self.sigs = torch.zeros(0, 0)  # [N, I] entries' unit image signatures (grace-mm; 0: ungated)
+        self.gated = torch.zeros(0, dtype=torch.bool)  # [N] entries made on an image (grace-mm)
+
+    def open_for(self, sigs: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """[rows, N] which entries may answer inputs with image signatures ``sigs`` [rows, I]
+        (zero rows or None: no image); every entry where there is no gate."""
+        n = len(self.labels)
+        if self.gate is None or not bool(self.gated.any()):
+            return torch.ones(rows, n, dtype=torch.bool)
+        if sigs is None:
+            return ~self.gated[None].expand(rows, -1)
+        cos = sigs.float().cpu() @ self.sigs.t()
+        return ~self.gated[None] | (cos >= self.gate.threshold)
 
     # Algorithm 1, one query at a time
-    def plan(self, key: torch.Tensor, label: str) -> tuple[str, int, float]:
-        """What adding ``key`` with ``label`` does: ("new", -1, d), ("expand", j, d), ("split", j, d)."""
+    def plan(self, key: torch.Tensor, label: str, sig: torch.Tensor | None = None) -> tuple[str, int, float]:
+        """What adding ``key`` with ``label`` (made on an image of signature ``sig``) does:
+        ("new", -1, d), ("expand", j, d), ("split", j, d). Entries the gate keeps closed for
+        ``sig`` are not candidates (grace-mm)."""
         if len(self.labels) == 0:
             return "new", -1, float("inf")
         d = torch.linalg.vector_norm(self.keys - key[None], dim=-1)
+        d = d.masked_fill(~self.open_for(None if sig is None else sig[None], 1)[0], float("inf"))
         j = int(d.argmin())
         dj = float(d[j])
         if dj > self.eps_init + float(self.eps[j]):
@@ -197,7 +236,7 @@ class Codebook(TappedHook):
         return "expand", j, dj
 
     def _apply(self, r: GraceRecord) -> None:
-        op, j, d = self.plan(r.key, r.label)
+        op, j, d = self.plan(r.key, r.label, r.sig)
         if op == "expand":
             if d > float(self.eps[j]):
                 self.eps[j] = d
@@ -206,17 +245,22 @@ class Codebook(TappedHook):
         eps = self.eps_init if op == "new" else d / 2
         if op == "split":
             self.eps[j] = d / 2 - 1e-5
+        sig = r.sig if r.sig is not None else torch.zeros_like(r.key)
         if len(self.labels) == 0:
             self.keys, self.values = r.key[None].clone(), r.value[None].clone()
             self.eps = torch.tensor([eps])
+            self.sigs = sig[None].clone()
         else:
             self.keys = torch.cat([self.keys, r.key[None]])
             self.values = torch.cat([self.values, r.value[None]])
             self.eps = torch.cat([self.eps, torch.tensor([eps])])
+            self.sigs = torch.cat([self.sigs, sig[None]])
+        self.gated = torch.cat([self.gated, torch.tensor([r.sig is not None])])
         self.labels.append(r.label)
 
-    def add(self, key: torch.Tensor, value: torch.Tensor, label: str) -> int:
-        r = GraceRecord(self._next, key.detach().float().cpu(), value.detach().float().cpu(), label)
+    def add(self, key: torch.Tensor, value: torch.Tensor, label: str, sig: torch.Tensor | None = None) -> int:
+        r = GraceRecord(self._next, key.detach().float().cpu(), value.detach().float().cpu(), label,
+                        None if sig is None else sig.detach().float().cpu())
         self._next += 1
         self.records.append(r)
         self._apply(r)
@@ -256,6 +300,9 @@ class Codebook(TappedHook):
         if self.probe is not None:
             self.probe["q"] = a3[0, pos[0, 0]].detach().float()
             self.probe["out"] = o3[0, pos[0, 0]].detach().float()
+            if self.gate is not None:
+                sigs = self.gate.signatures(a3[:1].detach(), self.adapter.current_image_mask)
+                self.probe["sig"] = None if sigs is None or not bool(sigs[0].any()) else sigs[0]
         if value is not None:  # training: the edit's own row takes the trained value
             new = o3.clone()
             p = pos[0][mask[0]]
@@ -267,6 +314,9 @@ class Codebook(TappedHook):
         q = a3[rows, pos[:, 0]].float()  # [B, I] queries at the last prompt token
         keys = self.keys.to(q.device)
         d = torch.cdist(q, keys, compute_mode="donot_use_mm_for_euclid_dist")  # [B, N]
+        if self.gate is not None and bool(self.gated.any()):
+            sigs = self.gate.signatures(a3, self.adapter.current_image_mask)
+            d = d.masked_fill(~self.open_for(sigs, len(q)).to(d.device), float("inf"))
         dmin, idx = d.min(1)
         hit = (dmin <= self.eps.to(q.device)[idx]) & mask[:, 0]
         if not bool(hit.any()):
@@ -287,24 +337,63 @@ class GraceConfig(EditorConfig):
     lr: float = 1.0  # Adam learning rate of the value (EasyEdit edit_lr)
     val_init: Literal["cold", "warm"] = "cold"  # new values: uniform [0, 1) (cold) or the layer's output (warm)
     seed: int = 0  # cold values' random start
+    image_gate: float | None = None  # grace-mm: an entry made on an image answers only inputs whose
+    # image signature has at least this cosine with its own (None: GRACE as published)
+    center_cases: int = 64  # grace-mm: train-split inputs whose mean image signature centres the gate
 
 
 class GraceEditor(Editor):
     name = "grace"
     Config = GraceConfig
 
-    def __init__(self, adapter, config=None, **context: Any) -> None:
+    def __init__(self, adapter, config=None, *, train_records=None, task=None, **context: Any) -> None:
         super().__init__(adapter, config, **context)
         self.layer = resolve_layer(adapter, self.config.layer, self.name)
         self.books: dict[int, Codebook] = {}
+        self.gate: ImageGate | None = None
+        if self.config.image_gate is not None:
+            if not train_records:
+                raise ValueError(f"{self.name}: the image gate is centred on train-split inputs: give the "
+                                 "train records (--train-data), or --set image_gate=null for plain GRACE")
+            self.gate = ImageGate(self._image_center(train_records[: self.config.center_cases], task),
+                                  self.config.image_gate)
 
     @classmethod
     def uses_train_records(cls, config) -> bool:
-        return False
+        return config.image_gate is not None
+
+    @torch.no_grad()
+    def _image_center(self, records, task) -> torch.Tensor:
+        """Mean image signature (the wrapped projection's input averaged over image-token
+        positions) of the edit inputs of ``records``, on the unedited model; images decoded one
+        record at a time."""
+        from mmke.scoring import case_inputs
+        from mmke.tasks import TASKS
+
+        site = self.adapter.site(f"lm.ffn_value.{self.layer}")
+        box: dict[str, torch.Tensor] = {}
+        h = site.register_forward_pre_hook(lambda _m, args: box.__setitem__("a", args[0].detach()))
+        total, n = None, 0
+        try:
+            for r in records:
+                ex = case_inputs(r, task or TASKS["vqa"], self.adapter.load_image, kinds=("reliability",))["reliability"]
+                batch = self.adapter.prepare([ex])
+                im = self.adapter.image_mask(batch)
+                if not bool(im.any()):
+                    continue
+                self.adapter.forward(batch)
+                a = box["a"].reshape(*im.shape, -1)[0].float()
+                sig = a[im[0].to(a.device)].mean(0).cpu()
+                total, n = (sig if total is None else total + sig), n + 1
+        finally:
+            h.remove()
+        if n == 0:
+            raise ValueError(f"{self.name}: none of the {len(records)} train records has an image to centre the gate on")
+        return total / n
 
     def book(self, layer: int) -> Codebook:
         if layer not in self.books:
-            self.books[layer] = Codebook(self.adapter, layer, self.config.eps_init)
+            self.books[layer] = Codebook(self.adapter, layer, self.config.eps_init, self.gate)
         return self.books[layer]
 
     def edit(self, request: EditRequest) -> EditHandle:
@@ -322,7 +411,9 @@ class GraceEditor(Editor):
             if "q" not in probe:
                 raise ValueError(f"{self.name}: the edit example has no target token")
             key = probe["q"].cpu()
-            op, j, dist = book.plan(key, label)
+            sig = probe.get("sig")
+            sig = None if sig is None else sig.cpu()
+            op, j, dist = book.plan(key, label, sig)
             if op == "expand":
                 init = book.values[j].clone()
             elif cfg.val_init == "warm":
@@ -349,11 +440,13 @@ class GraceEditor(Editor):
                 book.training = None
         finally:
             book.release_if_empty()
-        rid = book.add(key, value.detach(), label)
+        rid = book.add(key, value.detach(), label, sig)
         meta = {"layer": self.layer, "label": label, "op": op, "dist": None if op == "new" else dist, "eps_init": cfg.eps_init,
-                "steps": steps, "fixed": fixed, "codebook_size": len(book.labels)}
-        return EditHandle(self.adapter, self.name, undo=lambda: book.remove(rid),
-                          tensors={"key": key, "value": value.detach().float().cpu()}, meta=meta)
+                "steps": steps, "fixed": fixed, "codebook_size": len(book.labels), "image_gated": sig is not None}
+        tensors = {"key": key, "value": value.detach().float().cpu()}
+        if sig is not None:
+            tensors["sig"] = sig
+        return EditHandle(self.adapter, self.name, undo=lambda: book.remove(rid), tensors=tensors, meta=meta)
 
     def load(self, path: str | Path) -> EditHandle:
         method, meta, t = read_saved_edit(path)
@@ -365,5 +458,19 @@ class GraceEditor(Editor):
             raise ValueError(f"{path}: key/value sizes {tuple(t['key'].shape)}/{tuple(t['value'].shape)} do not "
                              f"fit layer {layer} of {self.adapter.name}")
         book = self.book(layer)
-        rid = book.add(t["key"], t["value"], meta["label"])
+        rid = book.add(t["key"], t["value"], meta["label"], t.get("sig") if self.gate is not None else None)
         return EditHandle(self.adapter, self.name, undo=lambda: book.remove(rid), tensors=t, meta=meta)
+
+
+class GraceMMConfig(GraceConfig):
+    image_gate: float | None = 0.5
+
+
+class GraceMMEditor(GraceEditor):
+    """mmke's GRACE for images: each codebook entry made on an image answers only inputs whose
+    image resembles the edit's (:class:`ImageGate`); Algorithm 1 compares a new edit only with the
+    entries open for its image. The edit's question about an unrelated image then falls through
+    to the unedited layer, where GRACE's question-dominated key would take the entry's value."""
+
+    name = "grace-mm"
+    Config = GraceMMConfig
