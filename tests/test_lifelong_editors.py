@@ -243,3 +243,32 @@ def test_grace_mm_text_edits_stay_ungated_and_the_gate_needs_train_records(recor
 
     with pytest.raises(ValueError, match="train"):
         GraceMMEditor(adapter, GraceMMEditor.Config(layer=-1))
+
+
+def test_grace_codebook_undoing_the_latest_edit_equals_replaying_the_rest():
+    """Removing the latest record undoes its step of Algorithm 1 (new, expand or split) in O(1);
+    the codebook is then exactly the replay of the records left."""
+    from mmke.editors.grace import Codebook
+
+    adapter = tiny_llava()
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, generator=g)
+    steps = [(base, "a"), (base + 0.1, "a"), (base + 0.2, "b"), (base + 5.0, "c"), (base + 0.15, "a"),
+             (base + 5.1, "c")]  # new, expand, split, new, expand/split, expand
+    book = Codebook(adapter, adapter.num_lm_layers - 1, eps_init=1.0)
+    rids, ops = [], []
+    for k, label in steps:
+        ops.append(book.plan(k, label)[0])
+        rids.append(book.add(k, torch.randn(8, generator=g), label))
+    assert {"new", "expand", "split"} <= set(ops)
+    while rids:
+        book.remove(rids.pop())
+        replay = Codebook(adapter, book.layer, eps_init=1.0)
+        for r in book.records:
+            replay.add(r.key, r.value, r.label)
+        for name in ("keys", "values", "eps"):
+            assert torch.equal(getattr(book, name), getattr(replay, name)), (name, len(rids))
+        assert book.labels == replay.labels
+        for r in list(replay.records)[::-1]:
+            replay.remove(r.rid)
+    assert book._hook is None and "prepare" not in adapter.__dict__

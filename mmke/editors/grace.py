@@ -206,6 +206,9 @@ class Codebook(TappedHook):
         self.labels: list[str] = []
         self.sigs = torch.zeros(0, 0)  # [N, I] entries' unit image signatures (grace-mm; 0: ungated)
         self.gated = torch.zeros(0, dtype=torch.bool)  # [N] entries made on an image (grace-mm)
+        # per applied record: (entries before it, the entry it changed, that entry's eps and value
+        # before): undoing the latest record restores exactly the state before it
+        self._undo: list[tuple[int, int, float | None, torch.Tensor | None]] = []
 
     def open_for(self, sigs: torch.Tensor | None, rows: int) -> torch.Tensor:
         """[rows, N] which entries may answer inputs with image signatures ``sigs`` [rows, I]
@@ -237,6 +240,8 @@ class Codebook(TappedHook):
 
     def _apply(self, r: GraceRecord) -> None:
         op, j, d = self.plan(r.key, r.label, r.sig)
+        self._undo.append((len(self.labels), j, float(self.eps[j]) if j >= 0 else None,
+                           self.values[j].clone() if op == "expand" else None))
         if op == "expand":
             if d > float(self.eps[j]):
                 self.eps[j] = d
@@ -268,12 +273,28 @@ class Codebook(TappedHook):
         return r.rid
 
     def remove(self, rid: int) -> None:
-        self.records = [r for r in self.records if r.rid != rid]
-        self._clear()
-        for r in self.records:
-            self._apply(r)
+        if self.records and self.records[-1].rid == rid:  # the latest (a stream undone from its end)
+            self.records.pop()
+            self._unapply()
+        else:  # Algorithm 1 replayed over the surviving records
+            self.records = [r for r in self.records if r.rid != rid]
+            self._clear()
+            for r in self.records:
+                self._apply(r)
         if not self.records:
+            self._clear()
             self._uninstall()
+
+    def _unapply(self) -> None:
+        """Undo the latest :meth:`_apply`: drop the entry it appended, give back the radius (and
+        the value) of the entry it expanded or split."""
+        n, j, eps, value = self._undo.pop()
+        self.keys, self.values, self.eps, self.sigs = self.keys[:n], self.values[:n], self.eps[:n], self.sigs[:n]
+        self.gated, self.labels = self.gated[:n], self.labels[:n]
+        if j >= 0:
+            self.eps[j] = eps
+            if value is not None:
+                self.values[j] = value
 
 
     def ensure_hook(self) -> None:
