@@ -8,7 +8,10 @@ of the same pair overrode.
     .venv/bin/python scripts/stream_conflicts.py runs/ll/vqa-grace runs/ll/vqa-serac-mm
 
 Reads each run's ``run.json`` and its data file (the stream is rebuilt in the run's seeded order);
-the stream table is the first run's. Prints Markdown.
+the stream table is the first run's. Prints Markdown. Content classes are those the records'
+``image_rephrase`` links (labels-free, any MMEdit-layout file); ``--easyvqa-labels`` (the bundled
+benchmark) uses easy-vqa's own colour-shape labels instead, which the links only partly reveal,
+and adds how many of the probe set's M-Locality inputs are then in scope at each checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ from mmke.eval.scope import EditScope, contradictions
 from mmke.eval.store import CaseStore
 
 
+def easyvqa_class(image: str) -> tuple[str, str]:
+    """easy-vqa's (colour, shape) of an image of the bundled benchmark (``images/<split>/<id>.png``)."""
+    p = Path(image)
+    return _labels(p.parent.name)[int(p.stem)]
+
+
+_LABELS: dict[str, dict] = {}
+
+
+def _labels(split: str) -> dict:
+    from mmke.data import easyvqa_source as ev
+
+    if split not in _LABELS:
+        _LABELS[split] = ev.image_labels(split)
+    return _LABELS[split]
+
+
 def stream(run_dir: Path):
     cfg = RunConfig(**json.loads((run_dir / RUN_FILE).read_text())["config"])
     if cfg.setting != "lifelong":
@@ -34,16 +54,30 @@ def stream(run_dir: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dirs", type=Path, nargs="+")
+    ap.add_argument("--easyvqa-labels", action="store_true",
+                    help="content classes from easy-vqa's colour-shape labels (the bundled benchmark)")
     args = ap.parse_args()
     cfg, cases = stream(args.run_dirs[0])
     records = [c.record for c in cases[: cfg.k]]
-    print(f"{args.run_dirs[0]}: {len(records)} edits in stream order (seed {cfg.seed})\n")
+    image_class = easyvqa_class if args.easyvqa_labels else None
+    classes = "easy-vqa colour-shape labels" if image_class else "image_rephrase links"
+    print(f"{args.run_dirs[0]}: {len(records)} edits in stream order (seed {cfg.seed}); content classes: "
+          f"{classes}\n")
     print("| edits | pairs edited | same pair, same target | same pair, other target | "
           "retention bound: latest wins | retention bound: best per pair |")
     print("|---|---|---|---|---|---|")
-    for c in contradictions(records, cfg.checkpoints):
+    for c in contradictions(records, cfg.checkpoints, image_class):
         print(f"| {c['n_edits']} | {c['classes']} | {c['same_target']} | {c['contradicting']} | "
               f"{100 * c['latest_wins']:.1f} | {100 * c['best_consistent']:.1f} |")
+    if image_class is not None:  # the probes (the first cases' M-Locality inputs) in scope
+        probes = records[: cfg.probes]
+        both = {"links": EditScope(records), "labels": EditScope(records, image_class)}
+        print(f"\n| edits | probes in scope of the edits so far, of {len(probes)}: by links | by labels |")
+        print("|---|---|---|")
+        for n in cfg.checkpoints:
+            counts = [sum(sc.probe_key(p) in cov for p in probes)
+                      for sc in both.values() for cov in [sc.covered(records[:n])]]
+            print(f"| {n} | {counts[0]} | {counts[1]} |")
     print("\n| run | retention | on edits still their pair's latest target | on edits a later edit overrode |")
     print("|---|---|---|---|")
     for d in args.run_dirs:

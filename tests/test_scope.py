@@ -112,3 +112,12 @@ def test_contradictions_count_pairs_repeats_and_retention_bounds():
                      "latest_wins": 1.0, "best_consistent": 1.0}
     assert (last["classes"], last["same_target"], last["contradicting"]) == (3, 1, 1)
     assert last["latest_wins"] == 3 / 5 and last["best_consistent"] == 4 / 5
+
+
+def test_image_class_labels_replace_the_rephrase_links():
+    """With labels (e.g. easy-vqa's colour and shape), images of one label are one content class
+    whether or not any record links them."""
+    a = rec("red-1.png", "red-2.png", "what color is it?", "what colour is it?", "red-9.png", "what color is it?")
+    assert EditScope([a]).probe_key(a) not in EditScope([a]).covered([a])  # red-9 is linked to nothing
+    labelled = EditScope([a], image_class=lambda path: path.split("-")[0])
+    assert labelled.probe_key(a) in labelled.covered([a])

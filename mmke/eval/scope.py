@@ -18,7 +18,7 @@ Nothing here needs labels: it works on any MMEdit-layout file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from mmke.data.schema import norm_text
@@ -30,11 +30,17 @@ class EditScope:
     """Content classes of images and question classes over ``records`` (MMEdit records: objects
     with the fields as attributes, or dicts), by union-find."""
 
-    def __init__(self, records: Iterable[Any]) -> None:
+    def __init__(self, records: Iterable[Any], image_class: Callable[[str], Hashable] | None = None) -> None:
+        """``image_class``: an image's content class from its path (labels a benchmark knows, e.g.
+        easy-vqa's colour and shape) instead of the classes the records' ``image_rephrase`` links."""
         self._parent: dict[tuple[str, str], tuple[str, str]] = {}
+        self._image_class = image_class
         for r in records:
             self._union(("image", _image(r, "image")), ("image", _image(r, "image_rephrase")))
             self._union(("q", norm_text(_get(r, "src"))), ("q", norm_text(_get(r, "rephrase"))))
+
+    def _content(self, image: str) -> Hashable:
+        return ("label", self._image_class(image)) if self._image_class is not None else self._find(("image", image))
 
     def _find(self, x: tuple[str, str]) -> tuple[str, str]:
         parent = self._parent
@@ -49,18 +55,19 @@ class EditScope:
 
     def edit_key(self, record: Any) -> tuple:
         """(content class, question class) of an edit's own input."""
-        return self._find(("image", _image(record, "image"))), self._find(("q", norm_text(_get(record, "src"))))
+        return self._content(_image(record, "image")), self._find(("q", norm_text(_get(record, "src"))))
 
     def probe_key(self, record: Any) -> tuple:
         """(content class, question class) of a record's M-Locality input."""
-        return self._find(("image", _image(record, "m_loc"))), self._find(("q", norm_text(_get(record, "m_loc_q"))))
+        return self._content(_image(record, "m_loc")), self._find(("q", norm_text(_get(record, "m_loc_q"))))
 
     def covered(self, edits: Sequence[Any]) -> set[tuple]:
         """The (content, question) classes the edits ``edits`` reach."""
         return {self.edit_key(r) for r in edits}
 
 
-def contradictions(records: Sequence[Any], checkpoints: Sequence[int]) -> list[dict[str, Any]]:
+def contradictions(records: Sequence[Any], checkpoints: Sequence[int],
+                   image_class: Callable[[str], Hashable] | None = None) -> list[dict[str, Any]]:
     """How a stream of edits (``records`` in edit order) contradicts itself, after the first n of
     them for each n of ``checkpoints``: ``classes``, the distinct (content class, question class)
     pairs edited; ``same_target``, edits of a pair edited before with the same target;
@@ -68,8 +75,8 @@ def contradictions(records: Sequence[Any], checkpoints: Sequence[int]) -> list[d
     editor with perfect generality within each pair can reach at most (``latest_wins``: each pair
     answers its latest target; ``best_consistent``: each pair answers its most frequent one).
     An editor above these keeps edits apart that the benchmark's own generality inputs say are
-    one (it must then fail M-Generality on them)."""
-    scope = EditScope(records)
+    one (it must then fail M-Generality on them). ``image_class``: see :class:`EditScope`."""
+    scope = EditScope(records, image_class)
     keys = [scope.edit_key(r) for r in records]
     targets = [norm_text(_get(r, "alt")) for r in records]
     out = []
