@@ -177,10 +177,14 @@ class NeuronBank:
         """Take edit ``owner``'s neurons out; the last one out removes the hooks (and the bank)."""
         if owner not in self.entries:
             return
+        latest = next(reversed(self.entries)) == owner
         del self.entries[owner]
-        self._reset_packed()
-        for o, p in self.entries.items():  # the layout the remaining edits would have on their own
-            self._pack(o, p)
+        if latest and self.entries:  # a stream undone from its end: cut its neurons off the ends
+            self._unpack_latest(owner)
+        else:
+            self._reset_packed()
+            for o, p in self.entries.items():  # the layout the remaining edits would have on their own
+                self._pack(o, p)
         if not self.entries:
             for h in self._handles:
                 h.remove()
@@ -189,6 +193,25 @@ class NeuronBank:
             banks = getattr(self.adapter, "_neuron_banks", {})
             if banks.get(self.layer) is self:
                 del banks[self.layer]
+
+    def _unpack_latest(self, owner: Hashable) -> None:
+        """Take the latest edit's neurons off the end of its group: the packed block is then the
+        one the remaining edits would have had on their own (they were packed in this order)."""
+        sl = self._slices.pop(owner)
+        k = sl.stop - sl.start
+        col = self._gate_col.pop(owner, None)
+        grp = self._gated if col is not None else self._ungated
+        for g in (grp.key_t, grp.bias, grp.value, grp.act, grp.edit):
+            g.n -= k
+        if col is not None:
+            for g in (grp.img_key, grp.img_center, grp.lo, grp.hi):
+                g.n -= 1
+            if grp.img_center.n:  # as a fresh packing would find it
+                c = grp.img_center.get()
+                grp.same_center = bool((c == c[0]).all())
+        grp.n_edits -= 1
+        self._n -= k
+        self.version += 1
 
     def _act_code(self, fn: Callable) -> int:
         for i, f in enumerate(self._acts):
