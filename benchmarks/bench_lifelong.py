@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed forward passes (median)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="method option, as `mmke run --set` (repeatable), e.g. value_init=cancel")
+                    help="method option, as `mmke run --set` (repeatable), e.g. steps=50")
     ap.add_argument("--every", type=int, default=50, help="progress line every this many edits")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON of the numbers (default: runs/bench/lifelong-<method>-<edits>.json)")

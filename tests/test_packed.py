@@ -9,7 +9,7 @@ from mmke.editors.base import EditRequest
 from mmke.editors.patch import BankedPatches, FFNPatch, neuron_bank
 from mmke.editors.tpatcher import TPatcherConfig, TPatcherEditor
 from mmke.editors.unike import UniKEIntrinsicEditor
-from mmke.editors.unike.intrinsic import EditPatch, cancel_banks
+from mmke.editors.unike.intrinsic import EditPatch
 from mmke.editors.unike.memory import LatentShift, shift
 from mmke.models.base import Example
 from mmke.models.tiny import tiny_blip2, tiny_llava
@@ -212,42 +212,3 @@ def test_latent_bank_one_hook_and_the_single_edit_shift_exactly():
                 assert [r.numpy().tobytes() for r in live._pool] == want
                 assert live._rows == {b: j for j, b in enumerate(want)}
         assert _no_hooks(adapter) and torch.equal(_logits(adapter, [ex]), before)
-
-
-def test_cancel_banks_starts_where_the_earlier_neurons_are_cancelled():
-    """value_init="cancel": the new values are the least-squares V that cancels what the earlier
-    edits' neurons add at the edit's positions; computing that leaves the bank's gates alone."""
-    adapter = tiny_llava()
-    layer = adapter.num_lm_layers - 1
-    H = int(adapter.site(f"lm.ffn_key.{layer}").in_features)
-    banked = [BankedPatches(adapter, {layer: _edit_patch(H, 4, s, "relu", s == 1)}) for s in (1, 2)]
-    bank = neuron_bank(adapter, layer)
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 6, H, generator=g)
-    mask = torch.zeros(1, 6, dtype=torch.bool)
-    mask[0, :2] = True
-    bank(q, mask)
-    gates = bank.last_gates.clone()
-    new = _edit_patch(H, 6, 3, "relu", False).requires_grad_(True)
-    with torch.no_grad():
-        new.value.zero_()
-        new.offset.zero_()
-        new.bias.fill_(5.0)  # every neuron fires on every position: A [P, n] has full row rank
-    new.recorded = {"q": q}
-    pos = torch.tensor([3, 4, 5])
-    d = bank.contribution(q, mask)[0, pos]
-    assert d.abs().max() > 0.1 and torch.equal(bank.last_gates, gates)
-    cancel_banks({layer: new}, {layer: bank}, pos, mask)
-    with torch.no_grad():
-        assert torch.allclose(new(q, mask)[0, pos], -d, atol=1e-3)
-    # a layer without earlier edits keeps its values at 0
-    other = _edit_patch(H, 6, 4, "relu", False)
-    with torch.no_grad():
-        other.value.zero_()
-    other.recorded = {"q": q}
-    cancel_banks({layer - 1: other}, {}, pos, mask)
-    assert not other.value.any()
-    for b in banked:
-        b.remove()
-    assert _no_hooks(adapter)
-

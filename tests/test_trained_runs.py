@@ -61,37 +61,3 @@ def test_train_without_out_never_touches_the_tracked_tree(tmp_path, monkeypatch)
     out = tmp_path / "trained" / "tiny-llava" / "mend-vqa"
     assert (out / "weights.safetensors").exists() and str(out) in r.output.replace("\n", "")
     assert status() == before
-
-
-def test_unike_plus_cancel_start_on_the_default_model(default_adapter, tmp_path):
-    """value_init="cancel" (docs/RESULTS.md, "UniKE at scale"): the same edit made again keeps the
-    zero start (the earlier neurons already give its target), a conflicting answer to the same
-    input starts from the cancelling values, and every edit lands and unwinds exactly."""
-    from dataclasses import replace
-
-    import torch
-
-    from mmke.editors.base import EditRequest
-    from mmke.scoring import case_inputs
-    from mmke.tasks import TASKS
-
-    ad = default_adapter
-    r = Run(RunConfig(task="vqa", method="unike-plus", limit=1, method_config={"value_init": "cancel"}),
-            tmp_path, adapter=ad)
-    (rec,), _ = r.load_records()
-    ed = r.editor(ad)
-    x = case_inputs(rec, TASKS["vqa"], ad.load_image)["reliability"]
-    conflict = replace(x, target=" red" if x.target.strip() != "red" else " blue")
-    with torch.no_grad():
-        before = ad.run([x, conflict]).logits
-    hs = []
-    for ex, start in ((x, "zero"), (x, "zero"), (conflict, "cancel")):
-        hs.append(ed.edit(EditRequest(ex, rec.to_dict())))
-        assert hs[-1].meta["value_start"] == start
-        with torch.no_grad():
-            v = ad.run([ex])
-        assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
-    for h in reversed(hs):
-        h.remove()
-    with torch.no_grad():
-        assert torch.equal(ad.run([x, conflict]).logits, before)

@@ -261,20 +261,6 @@ class NeuronBank:
             return next(iter(self.entries.values()))(q, image_mask)
         return self.packed_forward(q, image_mask)
 
-    @torch.no_grad()
-    def contribution(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """What the installed edits add to the FFN output for inputs q, computed outside a forward:
-        the gates of the last forward (:meth:`gate_of`) are left as they were."""
-        # one edit: its own patch runs and records its gate; several: the packed block records them
-        own = next(iter(self.entries.values())) if len(self.entries) == 1 else None
-        last, last_own = self.last_gates, getattr(own, "last_gate", None)
-        try:
-            return self(q, image_mask)
-        finally:
-            self.last_gates = last
-            if own is not None and hasattr(own, "last_gate"):
-                own.last_gate = last_own
-
     def gate_of(self, owner: Hashable) -> torch.Tensor | None:
         """Edit ``owner``'s image gate [B] in the last forward (None: an ungated edit)."""
         if len(self.entries) == 1:
@@ -349,12 +335,6 @@ class NeuronBank:
     def remove_all(self) -> None:
         for o in list(self.entries):
             self.remove(o)
-
-
-def installed_bank(adapter: ModelAdapter, layer: int) -> NeuronBank | None:
-    """The bank of ``layer`` if it holds any edit, else None (nothing is made)."""
-    b = adapter.__dict__.get("_neuron_banks", {}).get(layer)
-    return b if b is not None and len(b) else None
 
 
 def neuron_bank(adapter: ModelAdapter, layer: int) -> NeuronBank:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from mmke.editors.base import EditHandle, EditRequest, read_saved_edit
-from mmke.editors.patch import BankedPatches, NeuronBank, PatchHooks, installed_bank
+from mmke.editors.patch import BankedPatches, PatchHooks
 from mmke.editors.trained import TrainedEditor, TrainedEditorConfig, bundled_weights_dir
 from mmke.editors.unike.encoders import UniKEEncoders
 from mmke.editors.unike.intrinsic import (EditPatch, LocalityMemory, ffn_inputs_at_targets, record_ffn_inputs,
@@ -90,8 +90,6 @@ class UniKEConfig(TrainedEditorConfig):
     whiten_ridge: float = 0.1  # whitened keys: ridge added to the covariance, times its mean variance
     gate_lo: float = 0.25  # whitened keys: a neuron is off below this similarity to the edit (1 = the edit)
     gate_hi: float = 0.45  # ... and, with act="ramp", fires as on the edit above this one
-    value_init: Literal["zero", "cancel"] = "zero"  # new values start at 0 (the paper), or where they
-    # cancel the earlier edits' neurons that fire on this edit (fewer steps in long streams)
     shrink_to: float | None = None  # after training, shrink the new values while P(target) stays >= this
     image_gate: tuple[float, float] | None = None  # (lo, hi): the neurons fire only on images whose
     # signature has a cosine above lo with the edit image's (fully above hi); unike-plus
@@ -314,18 +312,17 @@ class UniKEEditor(TrainedEditor):
                 if loc is not None and whiten is None:  # rows for the memory loss of trained keys
                     tids = target_positions(cache.labels)[1][0]
                     keep = loc.rows_to_keep(ex.prompt, ex.target, tids, cfg.mem_skip_same)
-                steps, nll, start = train_patches(
+                steps, nll = train_patches(
                     self.runner, cache, patches, loc, keep, steps=cfg.steps, lr=cfg.lr, key_lr=cfg.key_lr,
                     act_weight=cfg.act_weight, margin=cfg.margin, mem_weight=cfg.mem_weight,
                     mem_margin=cfg.mem_margin, stop_loss=cfg.stop_loss, mem_tol=cfg.mem_tol,
                     q_base=q_base, shift_weight=cfg.shift_key_weight,
-                    whiten=whiten, gate=(cfg.gate_lo, cfg.gate_hi), image_gate=cfg.image_gate,
-                    cancel=self._earlier_banks() if cfg.value_init == "cancel" else None)
+                    whiten=whiten, gate=(cfg.gate_lo, cfg.gate_hi), image_gate=cfg.image_gate)
                 if cfg.shrink_to is not None:
                     meta["value_scale"] = round(shrink_values(self.runner, cache, patches, cfg.shrink_to), 4)
                 for l, p in patches.items():
                     tensors.update({f"patch.{l}.{k}": v.detach().cpu() for k, v in p.state().items()})
-                meta.update(steps=steps, final_nll=round(nll, 4), value_start=start,
+                meta.update(steps=steps, final_nll=round(nll, 4),
                             image_gate=bool(next(iter(patches.values())).gated) if patches else False)
                 # trained: the frozen neurons move into the layers' packed banks
                 train_hooks.remove()
@@ -339,10 +336,6 @@ class UniKEEditor(TrainedEditor):
             raise
         return UniKEHandle(self.adapter, self.name, undo=_chain(undo), tensors=tensors, meta=meta,
                            ike_handle=ike_handle)
-
-    def _earlier_banks(self) -> dict[int, NeuronBank]:
-        """The patched layers' banks of earlier edits' neurons (layers without any left out)."""
-        return {l: b for l in self.layers if (b := installed_bank(self.adapter, l)) is not None}
 
     def ffn_width(self, layer: int) -> int:
         return int(self.adapter.site(f"lm.ffn_key.{layer}").in_features)

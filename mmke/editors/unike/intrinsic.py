@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from mmke.editors.patch import FFNPatch, NeuronBank
+from mmke.editors.patch import FFNPatch
 from mmke.editors.tail import TailCache, TailRunner
 from mmke.models.base import Example, ModelAdapter, target_nll, target_positions
 
@@ -317,51 +317,24 @@ def init_patches(patches: dict[int, EditPatch], pos: torch.Tensor, memory: dict[
         p.bias.copy_(-bias)
 
 
-@torch.no_grad()
-def cancel_banks(patches: dict[int, EditPatch], banks: dict[int, NeuronBank], pos: torch.Tensor,
-                 image_mask: torch.Tensor | None) -> None:
-    """Start each patch's values where its neurons cancel what the earlier edits' neurons of the
-    same layer (``banks``) add at the edit's target positions ``pos``: the least-squares (min-norm)
-    V with A V = -D, A [P, n] the new neurons' activations there and D [P, H] the banks' addition.
-    Training then starts from the layer's unedited output on the edit instead of fighting the
-    earlier edits from V = 0 (each Adam step moves a value by about the learning rate). Uses the
-    FFN inputs recorded by the last run (with the banks installed and the values at 0)."""
-    for layer, p in patches.items():
-        bank = banks.get(layer)
-        if bank is None:
-            continue
-        q = p.recorded["q"]  # [B, T, H]
-        d = bank.contribution(q, image_mask).reshape(q.shape)[0, pos].float()  # [P, H]
-        a = p.act(p.pre(q[0, pos].float()))  # [P, n]
-        if bool(p.gated):
-            a = a * p.image_gate(q, image_mask)[0].float()
-        if not bool((a > 0).any()):
-            continue
-        p.value.copy_(-(torch.linalg.pinv(a) @ d).to(p.value))
-
-
 def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditPatch],
                   memory: LocalityMemory | None, keep_rows: torch.Tensor | None, *, steps: int, lr: float,
                   key_lr: float, act_weight: float, margin: float, mem_weight: float, mem_margin: float,
                   stop_loss: float, mem_tol: float = 0.0, q_base: dict[int, torch.Tensor] | None = None,
                   shift_weight: float = 0.0, whiten: float | None = None,
                   gate: tuple[float, float] = (0.25, 0.45),
-                  image_gate: tuple[float, float] | None = None,
-                  cancel: dict[int, NeuronBank] | None = None) -> tuple[int, float, str]:
-    """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, NLL,
-    the values' start: "zero" or "cancel").
+                  image_gate: tuple[float, float] | None = None) -> tuple[int, float]:
+    """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, NLL).
     ``q_base``: the edit's FFN inputs without latent IKE (:func:`init_patches`). ``whiten`` (the
     ridge of :meth:`LocalityMemory.whitener`): closed-form keys, fixed; only the values train (the
     activation and memory losses, which move keys, are off). ``image_gate`` (lo, hi): gate the
     neurons on the edit's image (see :meth:`EditPatch.set_image_gate`); needs the memory's image
-    centre and an edit with an image, and is off otherwise. ``cancel`` (layer -> the bank of the
-    earlier edits' neurons): start the values where they cancel those neurons on the edit
-    (:func:`cancel_banks`) instead of at 0, unless that start has the higher target NLL."""
+    centre and an edit with an image, and is off otherwise."""
     pos = target_positions(cache.labels)[0][0]  # [P] positions predicting the target tokens
     for p in patches.values():
         p.record = True
     with torch.no_grad():
-        out0 = runner.run(cache)  # records each layer's FFN inputs (values are still 0: no effect)
+        runner.run(cache)  # records each layer's FFN inputs (values are still 0: no effect)
     im = cache.image_mask
     if (image_gate is not None and memory is not None and memory.image_center is not None
             and im is not None and bool(im[0].any())):
@@ -375,15 +348,6 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
     W = {l: memory.whitener(l, whiten) for l in patches} if whiten is not None else None
     init_patches(patches, pos, mem, {l: memory.center(l) for l in patches} if memory is not None else None,
                  margin, q_base, shift_weight, whiten=W, gate=gate)
-    start = "zero"
-    if cancel:
-        cancel_banks(patches, cancel, pos, im)
-        start = "cancel"
-        with torch.no_grad():  # the earlier edits may already help this one: keep the better start
-            if float(target_nll(runner.run(cache))) >= float(target_nll(out0)):
-                start = "zero"
-                for p in patches.values():
-                    p.value.zero_()
     if mem_weight <= 0 or W is not None:
         mem = None
     if W is not None:
@@ -422,7 +386,7 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
             p.recorded = {}
         for t in params:
             t.requires_grad_(False)
-    return step, nll_v, start
+    return step, nll_v
 
 
 @torch.no_grad()
