@@ -35,8 +35,14 @@ All edits of one editor share one codebook per layer: N edits are one [N, I] key
 nearest-neighbour search per forward pass, on one hook. Removal is exact in any order: every
 edit keeps its own record (query, label, trained value), and the codebook is the deterministic
 replay of Algorithm 1 over the surviving records in their original order (an edit's expansion or
-split of another's radius disappears with it). With no record left, the hook is removed and the
-model is bit for bit the unedited one (no parameter is ever changed).
+split of another's radius disappears with it); removing the latest edit undoes its one step
+instead (the same state, without the replay: a stream unwinds in linear time). With no record
+left, the hook is removed and the model is bit for bit the unedited one (no parameter is ever
+changed).
+
+``grace-mm`` (:class:`GraceMMEditor`, mmke's variant) gates each entry made on an image on that
+image (:class:`ImageGate`): GRACE's key, the last prompt token's activation, is dominated by the
+question, so the edit's question about any other picture falls inside the radius.
 
 Rows whose labels cannot be known (a forward not prepared through ``adapter.prepare``) pass
 through unchanged: the codebook hook reads the target positions of the batch last prepared.
