@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from mmke.data.schema import norm_text
@@ -32,15 +33,11 @@ def easyvqa_class(image: str) -> tuple[str, str]:
     return _labels(p.parent.name)[int(p.stem)]
 
 
-_LABELS: dict[str, dict] = {}
-
-
+@lru_cache(maxsize=None)
 def _labels(split: str) -> dict:
     from mmke.data import easyvqa_source as ev
 
-    if split not in _LABELS:
-        _LABELS[split] = ev.image_labels(split)
-    return _LABELS[split]
+    return ev.image_labels(split)
 
 
 def stream(run_dir: Path):
@@ -83,7 +80,7 @@ def main() -> None:
     for d in args.run_dirs:
         cfg, cases = stream(d)
         n = cfg.checkpoints[-1]
-        scope = EditScope(c.record for c in cases)
+        scope = EditScope((c.record for c in cases), image_class)
         latest = {scope.edit_key(c.record): norm_text(c.record.alt) for c in cases[:n]}
         rel = {r["key"]: r["metrics"]["reliability"] for r in CaseStore(d / "cases.jsonl").rows()
                if r.get("checkpoint") == n and "reliability" in r["metrics"]}
