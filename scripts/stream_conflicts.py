@@ -17,12 +17,11 @@ and adds how many of the probe set's M-Locality inputs are then in scope at each
 from __future__ import annotations
 
 import argparse
-import json
 from functools import lru_cache
 from pathlib import Path
 
 from mmke.data.schema import norm_text
-from mmke.eval.runner import RUN_FILE, Run, RunConfig
+from mmke.eval.runner import run_stream
 from mmke.eval.scope import EditScope, contradictions
 from mmke.eval.store import CaseStore
 
@@ -41,10 +40,9 @@ def _labels(split: str) -> dict:
 
 
 def stream(run_dir: Path):
-    cfg = RunConfig(**json.loads((run_dir / RUN_FILE).read_text())["config"])
+    cfg, cases = run_stream(run_dir)
     if cfg.setting != "lifelong":
         raise SystemExit(f"{run_dir}: a {cfg.setting} run; this reads lifelong runs")
-    cases, _ = Run(cfg, run_dir).stream()
     return cfg, cases
 
 

@@ -421,18 +421,23 @@ class Run:
                 f"{setting}; intervals: 95% percentile bootstrap over cases")
 
 
+def run_stream(run_dir: str | Path) -> tuple[RunConfig, list[Case]]:
+    """The configuration of a run directory (its ``run.json``) and its cases in stream order, read
+    again from its data files."""
+    cfg = RunConfig(**json.loads((Path(run_dir) / RUN_FILE).read_text())["config"])
+    cases, _ = Run(cfg, run_dir).stream()
+    return cfg, cases
+
+
 def run_scope_marks(run_dir: str | Path) -> dict[str, bool] | None:
-    """:func:`~mmke.eval.summary.scope_marks` of a finished sequential or cross-task run, from its
-    ``run.json`` (its data files are read again); None for other settings, or where the run's data
-    can no longer be read."""
+    """:func:`~mmke.eval.summary.scope_marks` of a finished sequential or cross-task run
+    (:func:`run_stream`); None for other settings, or where the run's data can no longer be read."""
     try:
-        cfg = RunConfig(**json.loads((Path(run_dir) / RUN_FILE).read_text())["config"])
-        if cfg.setting in ("one-step", "lifelong"):
-            return None
-        r = Run(cfg, run_dir)
-        cases, _ = r.stream()
+        cfg, cases = run_stream(run_dir)
     except (OSError, ValueError, KeyError) as e:
         log.warning("%s: no scope marks (%s)", run_dir, e)
+        return None
+    if cfg.setting in ("one-step", "lifelong"):
         return None
     return scope_marks(groups(cfg.setting, cases, cfg.k, cfg.checkpoints, cfg.probes))
 
