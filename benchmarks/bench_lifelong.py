@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from mmke.cli import _parse_sets
 from mmke.editors.base import EditRequest
 from mmke.eval.runner import Run, RunConfig
+from mmke.eval.scope import one_target_per_pair
 from mmke.io import atomic_write_json
-from mmke.registry import load_model
+from mmke.registry import load_model, parse_option_sets
 from mmke.scoring import INPUT_KINDS, case_inputs
 from mmke.tasks import TASKS
 
@@ -53,14 +53,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="method option, as `mmke run --set` (repeatable), e.g. steps=50")
+    ap.add_argument("--targets", default="as-drawn", choices=["as-drawn", "one-per-pair"],
+                    help="one-per-pair: an edit of a (content, question) pair edited before takes that pair's "
+                         "first target (`mmke run --targets`), so no edit fights an earlier one")
     ap.add_argument("--every", type=int, default=50, help="progress line every this many edits")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON of the numbers (default: runs/bench/lifelong-<method>-<edits>.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sets = _parse_sets(args.sets)
-    tag = "".join(f"-{k}={v}" for k, v in sets.items())
+    sets = parse_option_sets(args.sets)
+    tag = "".join(f"-{k}={v}" for k, v in sets.items()) + ("" if args.targets == "as-drawn" else f"-{args.targets}")
     out = args.out or Path(f"runs/bench/lifelong-{args.method}{tag}-{args.edits}.json")
     torch.manual_seed(0)
     adapter = load_model("default")
@@ -69,6 +72,9 @@ def main() -> None:
         r = Run(RunConfig(task=args.task, method=args.method, method_config=sets), tmp, adapter=adapter)
         records, _ = r.load_records()
         editor = r.editor(adapter)
+    if args.targets == "one-per-pair":
+        records, n = one_target_per_pair(records)
+        print(f"--targets one-per-pair: {n} of {len(records)} edits take their pair's first target", flush=True)
 
     # the fixed probe batch: every input kind of the first cases, batched as evaluation batches them
     probe_ex = []
@@ -114,7 +120,7 @@ def main() -> None:
     for w in windows.values():
         w["ratio_to_edit_1"] = w["median_s"] / base
         w["per_step_ratio_to_edit_1"] = w["median_s_per_step"] / base_step
-    row = {"method": args.method, "method_config": sets, "task": args.task, "edits": args.edits, "probes": len(probe_ex),
+    row = {"method": args.method, "method_config": sets, "targets": args.targets, "task": args.task, "edits": args.edits, "probes": len(probe_ex),
            "repeats": args.repeats, "edit_time_windows": windows,
            "unedited_forward_s": unedited, "edited_forward_s": edited, "inference_ratio": edited / unedited,
            "edit_times_s": times, "edit_steps": steps}

@@ -74,19 +74,6 @@ def validation_message(e) -> str:
     return "; ".join(parts)
 
 
-def _parse_sets(sets: list[str]) -> dict:
-    out = {}
-    for s in sets:
-        if "=" not in s:
-            raise typer.BadParameter(f"--set expects key=value, got {s!r}")
-        k, v = s.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 @data_app.command("build")
 def data_build(
     out: Optional[Path] = typer.Option(None, help="output directory (default: the cache location "
@@ -164,6 +151,10 @@ def run_cmd(
     checkpoints: Optional[str] = typer.Option(None, help="lifelong: score after these numbers of edits, e.g. "
                                                          "1,10,100,1000 (default: powers of ten and K)"),
     probes: int = typer.Option(100, help="lifelong: locality probe cases (the first of the stream)"),
+    targets: str = typer.Option("as-drawn", help="sequential, cross-task, lifelong: as-drawn (the file's "
+                                                 "targets) or one-per-pair (an edit of a content-question pair "
+                                                 "edited earlier takes that pair's first target, so the stream "
+                                                 "never contradicts itself)"),
     set_: List[str] = typer.Option([], "--set", help="method option key=value (repeatable)"),
     device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
     dtype: str = typer.Option("fp32", help=_DTYPE_HELP),
@@ -178,6 +169,7 @@ def run_cmd(
     from mmke.eval import distributed
     from mmke.eval.report import summary_line
     from mmke.eval.runner import Run, RunConfig
+    from mmke.registry import parse_option_sets
 
     methods = [m.strip() for m in method.split(",") if m.strip()]
     tasks = [t.strip() for t in task.split(",") if t.strip()]
@@ -193,8 +185,8 @@ def run_cmd(
                            train_image_root=str(train_image_root) if train_image_root else None,
                            limit=limit, seed=seed, skip_invalid=skip_invalid, m_locality=m_locality,
                            setting=setting, k=k if k is not None else _DEFAULT_K.get(setting, 1),
-                           checkpoints=_parse_checkpoints(checkpoints), probes=probes,
-                           method_config=_parse_sets(set_), device=device, dtype=dtype,
+                           checkpoints=_parse_checkpoints(checkpoints), probes=probes, targets=targets,
+                           method_config=parse_option_sets(set_), device=device, dtype=dtype,
                            device_map=device_map),
                  out / f"{t}-{m}" if several else out) for t in tasks for m in methods]
         ranks = distributed.Ranks.from_env(shard, device)  # torchrun's ranks, or None
@@ -263,12 +255,14 @@ def compare_cmd(
     run_b: Path = typer.Argument(..., help="run directory B"),
     exact_match: bool = typer.Option(False, help="compare exact match instead of token accuracy"),
     as_json: bool = typer.Option(False, "--json", help="print the numbers as JSON"),
+    checkpoint: Optional[int] = typer.Option(None, help="two lifelong runs: pair them after this many edits "
+                                                        "(default: the last checkpoint both reached)"),
 ) -> None:
     """Paired differences A - B on the shared cases: per metric, a 95% bootstrap interval and a p-value."""
     from mmke.eval.report import compare, render_compare
 
     with _user_errors():
-        c = compare(run_a, run_b, exact_match=exact_match)
+        c = compare(run_a, run_b, exact_match=exact_match, checkpoint=checkpoint)
     typer.echo(json.dumps(c, indent=1) if as_json else render_compare(c))
 
 
@@ -329,13 +323,14 @@ def train_cmd(
         console.print(f"weights in {target}" + ("" if replace_bundled else
                       " (load them with mmke.models.default.DefaultAdapter(weights_dir=...))"))
         return
+    from mmke.registry import parse_option_sets
     from mmke.train.editors import EditorTrainConfig, train_method
 
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "val_size": val_size,
              "val_every": val_every, "counterfactual": counterfactual, "seed": seed}
     with _user_errors():
         cfg = EditorTrainConfig(**{k: v for k, v in given.items() if v is not None})
-        meta = train_method(method, task, model, out, cfg, _parse_sets(set_),
+        meta = train_method(method, task, model, out, cfg, parse_option_sets(set_),
                             str(train_data) if train_data else None, str(image_root) if image_root else None,
                             replace_bundled=replace_bundled, device=device, dtype=dtype, device_map=device_map)
     console.print_json(json.dumps({k: meta[k] for k in ("method", "task", "model", "validation",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,21 @@ def load_model(name: str, *, device: str | None = None, dtype: str = "fp32", dev
     adapter = MODELS[name].load()(**kwargs)
     place_model(adapter.model, placement, no_split={type(layer).__name__ for layer in adapter.lm_layers()})
     return adapter
+
+
+def parse_option_sets(sets: list[str]) -> dict[str, Any]:
+    """``["steps=50", "layer=ffn"]`` (``mmke run --set``) -> {"steps": 50, "layer": "ffn"}: each value
+    read as JSON where it is JSON, else kept as text."""
+    out: dict[str, Any] = {}
+    for s in sets:
+        if "=" not in s:
+            raise ValueError(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def editor_class(method: str):

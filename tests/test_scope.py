@@ -2,6 +2,7 @@
 (``image`` ~ ``image_rephrase``) and question classes (``src`` ~ ``rephrase``), and the
 ``m_locality_out_of_scope`` sub-metric of sequential and lifelong summaries."""
 
+import dataclasses
 import json
 
 from mmke.eval.report import render
@@ -9,7 +10,7 @@ from mmke.eval.runner import Run, RunConfig
 from mmke.eval.scope import OUT_OF_SCOPE_M_LOCALITY, EditScope
 from mmke.models.tiny import tiny_llava
 
-from toydata import COLOURS, write_toy_mmedit
+from toydata import COLOURS, colour_records, write_toy_mmedit
 
 
 def rec(image, image_rephrase, src, rephrase, m_loc, m_loc_q):
@@ -121,3 +122,90 @@ def test_image_class_labels_replace_the_rephrase_links():
     assert EditScope([a]).probe_key(a) not in EditScope([a]).covered([a])  # red-9 is linked to nothing
     labelled = EditScope([a], image_class=lambda path: path.split("-")[0])
     assert labelled.probe_key(a) in labelled.covered([a])
+
+
+def test_one_target_per_pair_gives_later_edits_of_a_pair_its_first_target(tmp_path):
+    from mmke.eval.scope import contradictions, one_target_per_pair
+
+    def e(image, image_rephrase, alt, src="what color is it?"):
+        return {**rec(image, image_rephrase, src, src, "z.png", "what size?"), "alt": alt}
+
+    stream = [e("a.png", "a2.png", "red"), e("a2.png", "a3.png", " Red"), e("a3.png", "a4.png", "blue"),
+              e("b.png", "b2.png", "green"), e("a.png", "a2.png", "blue", src="what shape is it?")]
+    out, changed = one_target_per_pair(stream)
+    assert changed == 1 and [r["alt"] for r in out] == ["red", " Red", "red", "green", "blue"]
+    assert stream[2]["alt"] == "blue"  # the input is not changed
+    assert contradictions(out, [5])[0]["contradicting"] == 0
+    records = colour_records(tmp_path, n=6)
+    records[4] = dataclasses.replace(records[4], alt="red")  # records[1] asked it of blue first
+    out, changed = one_target_per_pair(records)
+    assert changed == 1 and out[4].alt == "blue" and out[4].image_path == records[4].image_path
+
+
+def test_targets_one_per_pair_runs_a_stream_that_never_contradicts_itself(tmp_path, one_thread):
+    """Records i and i + 6 of the toy file edit one pair; the later ones get another target. With
+    --targets one-per-pair every second edit of a pair takes its first target, the summary counts
+    them, the report tells the two runs apart, and one-step refuses the option."""
+    import pytest
+
+    from mmke.eval.runner import run_stream
+    from mmke.eval.scope import contradictions
+
+    f = write_toy_mmedit(tmp_path, n=12)
+    records = json.loads(f.read_text())
+    names = list(COLOURS)
+    for i, r in enumerate(records[6:]):
+        r["alt"] = names[(i + 1) % len(names)]
+    f.write_text(json.dumps(records))
+    summaries = []
+    for targets in ("as-drawn", "one-per-pair"):
+        cfg = RunConfig(model="tiny-llava", data=str(f), method="null", setting="lifelong", k=12,
+                        checkpoints=(6,), probes=2, targets=targets)
+        s = Run(cfg, tmp_path / targets, adapter=tiny_llava(seed=0)).execute()
+        _, cases = run_stream(tmp_path / targets)
+        conflicts = contradictions([c.record for c in cases], [12])[0]
+        summaries.append({**s, "_dir": str(tmp_path / targets)})
+        if targets == "as-drawn":
+            assert conflicts["contradicting"] == 6 and "n_retargeted" not in s
+        else:
+            assert conflicts["contradicting"] == 0 and s["n_retargeted"] == 6
+            assert "first target" in s["protocol"]
+    text = render(summaries)
+    assert "targets=as-drawn" in text and "targets=one-per-pair" in text
+    with pytest.raises(ValueError, match="one-per-pair is for a stream"):
+        RunConfig(model="tiny-llava", data=str(f), method="null", targets="one-per-pair")
+    # the targets are part of a run's identity; a run.json written before the option is as-drawn
+    from mmke.eval.runner import check_same_run
+
+    run = json.loads((tmp_path / "as-drawn" / "run.json").read_text())
+    with pytest.raises(ValueError, match="differs in: targets"):
+        check_same_run(tmp_path, run, {**run, "config": {**run["config"], "targets": "one-per-pair"}})
+    legacy = {k: v for k, v in run["config"].items() if k != "targets"}
+    check_same_run(tmp_path, {**run, "config": legacy}, run)
+
+
+def test_compare_pairs_two_lifelong_runs_at_a_checkpoint(tmp_path, one_thread):
+    """Lifelong rows carry the edit metrics (edits so far) or the locality ones (probes) per
+    checkpoint: `mmke compare` pairs them at one checkpoint, metric by metric, and refuses to pair a
+    lifelong run with a sequential one."""
+    import pytest
+
+    from mmke.eval.report import compare, render_compare
+
+    f = write_toy_mmedit(tmp_path, n=6)
+    for out in ("a", "b"):
+        cfg = RunConfig(model="tiny-llava", data=str(f), method="null", setting="lifelong", k=6,
+                        checkpoints=(2,), probes=3)
+        Run(cfg, tmp_path / out, adapter=tiny_llava(seed=0)).execute()
+    c = compare(tmp_path / "a", tmp_path / "b")
+    assert c["checkpoint"] == 6 and c["rows"]["reliability"]["n"] == 6 and c["rows"]["m_locality"]["n"] == 3
+    assert all(r["diff"] == 0.0 for r in c["rows"].values()) and c["rows"]["mean"]["p_value"] is None
+    assert OUT_OF_SCOPE_M_LOCALITY in c["rows"]  # the probes ask "what shape", which no edit asks
+    early = compare(tmp_path / "a", tmp_path / "b", checkpoint=2)
+    assert early["rows"]["reliability"]["n"] == 2 and "after 2 edits" in render_compare(early)
+    with pytest.raises(ValueError, match="checkpoints both runs reached are 2, 6"):
+        compare(tmp_path / "a", tmp_path / "b", checkpoint=3)
+    Run(RunConfig(model="tiny-llava", data=str(f), method="null", setting="sequential", k=2), tmp_path / "seq",
+        adapter=tiny_llava(seed=0)).execute()
+    with pytest.raises(ValueError, match="lifelong run: it pairs only with another lifelong run"):
+        compare(tmp_path / "a", tmp_path / "seq")

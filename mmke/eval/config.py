@@ -39,6 +39,9 @@ class RunConfig(BaseModel):
     k: int = Field(1, ge=1)  # edits per group (sequential, cross-task); edits in the stream (lifelong)
     checkpoints: tuple[int, ...] = ()  # lifelong: score after these numbers of edits (K always)
     probes: int = Field(100, ge=1)  # lifelong: locality probe cases (the first of the stream)
+    # the stream's targets: as drawn in the file, or one per (content, question) pair (an edit of a
+    # pair edited before gets its first target: mmke.eval.scope.one_target_per_pair)
+    targets: Literal["as-drawn", "one-per-pair"] = "as-drawn"
     method_config: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the model's weights (part of the run's identity)
     # where the model runs (recorded in provenance, not part of the identity): one device, or a
@@ -76,6 +79,9 @@ class RunConfig(BaseModel):
                                      f"(<task>_eval.json, MMEdit layout); {folder} lacks {', '.join(missing)}")
         elif len(tasks) > 1:
             raise ValueError(f"--task {self.task}: several tasks in one stream need --setting cross-task")
+        if self.setting == "one-step" and self.targets != "as-drawn":
+            raise ValueError("--targets one-per-pair is for a stream of edits (--setting sequential, cross-task or "
+                             "lifelong); one-step edits never meet one another")
         if self.setting == "one-step" and self.k != 1:
             raise ValueError("--k is for --setting sequential, cross-task or lifelong (one-step edits one at a time)")
         if self.setting == "lifelong":

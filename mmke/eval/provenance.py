@@ -39,6 +39,8 @@ def check_same_run(out: Path, old: dict[str, Any], mine: dict[str, Any]) -> None
         oc = {**oc, "dtype": "fp32"}
     if oc and "train_image_root" not in oc and "train_image_root" in mc:  # written before the option existed
         oc = {**oc, "train_image_root": None}
+    if oc and "targets" not in oc and "targets" in mc:  # written before --targets existed
+        oc = {**oc, "targets": "as-drawn"}
     # where a run computes (device, device map) is not what it computes: a run may resume elsewhere
     oc = {k: v for k, v in oc.items() if k not in PLACEMENT_FIELDS}
     mc = {k: v for k, v in mc.items() if k not in PLACEMENT_FIELDS}

@@ -15,10 +15,11 @@ from __future__ import annotations
 import html
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from mmke.eval.stats import Interval, bootstrap_ci, fmt_interval, paired_difference
+from mmke.eval.stats import Interval, bootstrap_ci, fmt_interval, mean_of_means_ci, paired_difference
 from mmke.eval.scope import OUT_OF_SCOPE_M_LOCALITY
 from mmke.scoring import HARD_M_LOCALITY, METRICS
 from mmke.tasks import TASKS
@@ -136,7 +137,8 @@ def row_key(s: dict[str, Any]) -> dict[str, Any]:
     return {"model": s["model"], "method": s["method"],
             "options": json.dumps(cfg.get("method_config", {}), sort_keys=True),
             "data": _data_identity(s), "setting": s.get("setting", "one-step"), "k": s.get("k", 1),
-            "m_locality": cfg.get("m_locality", "top1"), "limit": cfg.get("limit"), "seed": s.get("seed", 0)}
+            "m_locality": cfg.get("m_locality", "top1"),
+            "targets": cfg.get("targets", "as-drawn"), "limit": cfg.get("limit"), "seed": s.get("seed", 0)}
 
 
 def _labels(keys: list[dict[str, Any]]) -> list[str]:
@@ -349,37 +351,68 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 # ---- paired comparison -------------------------------------------------------------------------
-def compare(dir_a: str | Path, dir_b: str | Path, *, exact_match: bool = False, seed: int = 0) -> dict[str, Any]:
+def compare(dir_a: str | Path, dir_b: str | Path, *, exact_match: bool = False, seed: int = 0,
+            checkpoint: int | None = None) -> dict[str, Any]:
     """Paired differences A - B on the cases both runs evaluated (matched by case key: record
-    index and content), per metric and for the mean of the five."""
+    index and content), per metric and for the mean of the five. Two lifelong runs are paired at
+    one checkpoint (``checkpoint``; default the last both reached), each metric over the cases that
+    carry it there (edits so far, probes), the mean of the five metric differences with its
+    interval from resampling each metric's cases independently."""
     sa, sb = (collect([Path(d)])[0] for d in (dir_a, dir_b))
     if sa["task"] != sb["task"]:
         raise ValueError(f"{dir_a} is a {sa['task']} run and {dir_b} a {sb['task']} run: nothing to pair")
-    ra = {r["key"]: r for r in case_rows(dir_a)}
-    rb = {r["key"]: r for r in case_rows(dir_b)}
+    lifelong = [s.get("setting") == "lifelong" for s in (sa, sb)]
+    if any(lifelong) and not all(lifelong):
+        raise ValueError(f"{dir_a if lifelong[0] else dir_b} is a lifelong run: it pairs only with another "
+                         "lifelong run")
+    ra = {r["key"]: r for r in case_rows(dir_a) if "metrics" in r}
+    rb = {r["key"]: r for r in case_rows(dir_b) if "metrics" in r}
+    if all(lifelong):
+        both = sorted(set(sa.get("checkpoints", [])) & set(sb.get("checkpoints", [])))
+        if not both:
+            raise ValueError(f"{dir_a} and {dir_b} share no lifelong checkpoint")
+        if checkpoint is None:
+            checkpoint = both[-1]
+        elif checkpoint not in both:
+            raise ValueError(f"checkpoint {checkpoint}: the checkpoints both runs reached are "
+                             f"{', '.join(map(str, both))}")
+        ra = {k: r for k, r in ra.items() if r.get("checkpoint") == checkpoint}
+        rb = {k: r for k, r in rb.items() if r.get("checkpoint") == checkpoint}
+    elif checkpoint is not None:
+        raise ValueError("--checkpoint is for two lifelong runs")
     shared = sorted(set(ra) & set(rb), key=lambda k: ra[k]["index"])
     if not shared:
         raise ValueError(f"{dir_a} and {dir_b} share no case (other data, or other samples?)")
     key = "metrics_exact_match" if exact_match else "metrics"
     out: dict[str, Any] = {"a": str(dir_a), "b": str(dir_b), "method_a": sa["method"], "method_b": sb["method"],
                            "task": sa["task"], "n_shared": len(shared), "n_a": len(ra), "n_b": len(rb),
-                           "metric": "exact match" if exact_match else "token accuracy", "rows": {}}
-    cols: dict[str, tuple[list[float], list[float]]] = {
-        k: ([ra[c][key][k] for c in shared], [rb[c][key][k] for c in shared]) for k in METRICS}
-    hard = [c for c in shared if ra[c].get("m_loc_hard")]
-    if hard:
-        cols[HARD_M_LOCALITY] = ([ra[c][key]["m_locality"] for c in hard], [rb[c][key]["m_locality"] for c in hard])
-    free = _out_of_scope_in_both(dir_a, dir_b, shared)
-    if free:
-        cols[OUT_OF_SCOPE_M_LOCALITY] = ([ra[c][key]["m_locality"] for c in free],
-                                         [rb[c][key]["m_locality"] for c in free])
-    cols["mean"] = ([sum(ra[c][key][k] for k in METRICS) / len(METRICS) for c in shared],
-                    [sum(rb[c][key][k] for k in METRICS) / len(METRICS) for c in shared])
-    for k, (a, b) in cols.items():
+                           "metric": "exact match" if exact_match else "token accuracy", "rows": {},
+                           **({"checkpoint": checkpoint} if all(lifelong) else {})}
+
+    def pairs(metric: str, cases: list[str]) -> tuple[list[float], list[float]]:
+        cases = [c for c in cases if metric in ra[c][key] and metric in rb[c][key]]
+        return [ra[c][key][metric] for c in cases], [rb[c][key][metric] for c in cases]
+
+    def paired(a: list[float], b: list[float]) -> dict[str, Any]:
         pd = paired_difference(a, b, seed=seed)
-        out["rows"][k] = {"a": sum(a) / len(a), "b": sum(b) / len(b), "diff": pd.diff.mean,
-                          "lo": pd.diff.lo, "hi": pd.diff.hi, "p_value": pd.p_value, "n": len(a),
-                          "a_ci": bootstrap_ci(a, seed=seed).as_dict(), "b_ci": bootstrap_ci(b, seed=seed).as_dict()}
+        return {"a": sum(a) / len(a), "b": sum(b) / len(b), "diff": pd.diff.mean, "lo": pd.diff.lo,
+                "hi": pd.diff.hi, "p_value": pd.p_value, "n": len(a),
+                "a_ci": bootstrap_ci(a, seed=seed).as_dict(), "b_ci": bootstrap_ci(b, seed=seed).as_dict()}
+
+    cols = {k: pairs(k, shared) for k in METRICS}
+    cols[HARD_M_LOCALITY] = pairs("m_locality", [c for c in shared if ra[c].get("m_loc_hard")])
+    cols[OUT_OF_SCOPE_M_LOCALITY] = pairs("m_locality", _out_of_scope_in_both(dir_a, dir_b, shared))
+    out["rows"] = {k: paired(a, b) for k, (a, b) in cols.items() if a}
+    if not all(lifelong):
+        out["rows"]["mean"] = paired(*([statistics.fmean(r[c][key][k] for k in METRICS) for c in shared]
+                                       for r in (ra, rb)))
+        return out
+    # each metric on its own cases (edits so far, probes): the mean of the five metrics' differences
+    a, b = ([cols[k][i] for k in METRICS] for i in (0, 1))
+    d = mean_of_means_ci([[x - y for x, y in zip(*cols[k])] for k in METRICS], seed=seed)
+    ca, cb = mean_of_means_ci(a, seed=seed), mean_of_means_ci(b, seed=seed)
+    out["rows"]["mean"] = {"a": ca.mean, "b": cb.mean, "diff": d.mean, "lo": d.lo, "hi": d.hi, "p_value": None,
+                           "n": len(shared), "a_ci": ca.as_dict(), "b_ci": cb.as_dict()}
     return out
 
 
@@ -398,12 +431,14 @@ def _out_of_scope_in_both(dir_a: str | Path, dir_b: str | Path, shared: list[str
 def render_compare(c: dict[str, Any]) -> str:
     """Markdown table of :func:`compare`'s result, with a one-line verdict per metric."""
     a, b = c["method_a"], c["method_b"]
-    lines = [f"{c['a']} ({a}) vs {c['b']} ({b}), task {c['task']}: {c['n_shared']} shared cases "
+    after = f" after {c['checkpoint']} edits" if "checkpoint" in c else ""
+    lines = [f"{c['a']} ({a}) vs {c['b']} ({b}), task {c['task']}{after}: {c['n_shared']} shared cases "
              f"(of {c['n_a']} / {c['n_b']}); {c['metric']}, percent; 95% paired bootstrap interval of A - B, "
              "two-sided sign-flip p-value", "",
              f"| metric | A ({a}) | B ({b}) | A - B [95% CI] | p | n | verdict |", "|---|---|---|---|---|---|---|"]
     for k, r in c["rows"].items():
         verdict = (f"{a} higher" if r["lo"] > 0 else f"{b} higher" if r["hi"] < 0 else "no difference shown")
+        p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
         lines.append(f"| {SHORT[k]} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} "
-                     f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {r['p_value']:.3g} | {r['n']} | {verdict} |")
+                     f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {p} | {r['n']} | {verdict} |")
     return "\n".join(lines)

@@ -34,10 +34,10 @@ from mmke.editors.base import EditRequest, WeightLedger
 from mmke.eval import distributed
 from mmke.eval.config import RunConfig, resolve_data, task_data
 from mmke.eval.provenance import check_same_run, library_versions
-from mmke.eval.scope import EditScope
+from mmke.eval.scope import one_target_per_pair
 from mmke.eval.settings import Case, Group, groups, interleave
 from mmke.eval.store import CaseStore
-from mmke.eval.summary import aggregate, aggregate_partial, scope_marks, scoped, with_scope
+from mmke.eval.summary import aggregate, aggregate_partial, scope_marks, with_scope
 from mmke.io import atomic_write_json, file_digest
 from mmke.models.base import state_digest
 from mmke.models.placement import placement_record
@@ -73,6 +73,7 @@ class Run:
         self.out = Path(out)
         self._adapter = adapter
         self._held: tuple[str, dict] | None = None  # (key, inputs) of the case a one-case group holds
+        self.retargeted = 0  # edits whose target --targets one-per-pair changed (set by stream())
 
     # ---- pieces ----------------------------------------------------------------------
     def load_records(self, task: str | None = None):
@@ -98,9 +99,13 @@ class Run:
         """The run's cases in stream order (cross-task: the tasks interleaved) and the number of
         skipped records."""
         streams, skipped = [], 0
+        self.retargeted = 0
         for t in self.cfg.tasks:
             recs, sk = self.load_records(t)
             skipped += len(sk)
+            if self.cfg.targets == "one-per-pair":
+                recs, n = one_target_per_pair(recs)
+                self.retargeted += n
             prefix = f"{t}:" if len(self.cfg.tasks) > 1 else ""
             streams.append([Case(f"{prefix}{r.index}-{_fingerprint(r)}", t, r) for r in recs])
         return interleave(streams), skipped
@@ -191,10 +196,7 @@ class Run:
 
     def _done(self, group: Group, store: CaseStore, n: int) -> bool:
         keys = [s.case.key for s in group.scored(n)]
-        return all(self._row_key(group, n, k) in store for k in keys)
-
-    def _row_key(self, group: Group, n: int, key: str) -> str:
-        return f"cp{n}:{key}" if group.lifelong else key
+        return all(group.row_key(n, k) in store for k in keys)
 
     def execute(self) -> dict[str, Any]:
         """Run the groups not done yet, then summarise. Under torchrun (:mod:`mmke.eval.distributed`)
@@ -305,7 +307,7 @@ class Run:
                 post = run_case(adapter, self.inputs(adapter, c, METRICS if c.key in pre else EDIT_METRICS),
                                 self.topk)  # the same batch as its unedited outputs
                 m, e = case_metrics(pre.get(c.key, {}), post, ref)
-                row = {"key": self._row_key(g, n, c.key), "index": c.record.index, "task": c.task,
+                row = {"key": g.row_key(n, c.key), "index": c.record.index, "task": c.task,
                        "metrics": {k: m[k] for k in s.metrics}, "metrics_exact_match": {k: e[k] for k in s.metrics},
                        "m_loc_hard": is_hard_m_loc(c.record) and "m_locality" in s.metrics,
                        "eval_s": time.perf_counter() - tv}
@@ -355,6 +357,8 @@ class Run:
             if len(cfg.tasks) > 1:
                 per = {t: [r for r in rows if r.get("task") == t] for t in cfg.tasks}
                 summary["per_task"] = {t: {**aggregate(r, seed=cfg.seed), "n_cases": len(r)} for t, r in per.items()}
+        if cfg.targets != "as-drawn":
+            summary["n_retargeted"] = self.retargeted
         summary.update({
             "n_skipped": n_skipped, "seed": cfg.seed,
             "protocol": self.protocol(),
@@ -381,11 +385,8 @@ class Run:
         rows = store.done
         edit_s = [rows[f"edit:{c.key}"]["edit_s"] for c in g.cases]
         curve = []
-        scope = EditScope(c.record for c in g.cases)
         for n in g.checkpoints:
-            covered = scope.covered([c.record for c in g.cases[:n]])
-            cp = [scoped(rows[self._row_key(g, n, s.case.key)], scope, s.case.record, covered)
-                  for s in g.scored(n)]
+            cp = with_scope([rows[g.row_key(n, s.case.key)] for s in g.scored(n)], [g])
             agg = aggregate_partial(cp, seed=self.cfg.seed)
             agg["n_edits"] = n
             agg["edit_s_median"] = statistics.median(edit_s[max(0, n - 5):n])  # edits n-4..n
@@ -396,7 +397,7 @@ class Run:
                                         "intervals", "n_hard_m_locality", "n_out_of_scope_m_locality") if k in last},
                 "curve": curve,
                 # unedited outputs are computed for the probes only (locality needs them)
-                "pre_edit_metrics": {k: statistics.fmean(rows[self._row_key(g, g.checkpoints[-1], c.key)]["pre_edit"][k]
+                "pre_edit_metrics": {k: statistics.fmean(rows[g.row_key(g.checkpoints[-1], c.key)]["pre_edit"][k]
                                                          for c in g.probes) for k in EDIT_METRICS},
                 "timing": {"edit_s_median": statistics.median(edit_s), "edit_s_total": sum(edit_s)}}
 
@@ -413,6 +414,9 @@ class Run:
                         "generality over every edit so far (reliability = retention), locality over the "
                         f"first {cfg.probes} cases' locality inputs against outputs computed before the stream",
         }[cfg.setting]
+        if cfg.targets == "one-per-pair":
+            setting += ("; targets one per (content, question) pair: an edit of a pair edited earlier in the "
+                        "stream takes that pair's first target")
         return ("teacher-forced; edit metrics = token accuracy (exact match in metrics_exact_match); "
                 f"locality = {'top-10 rank-by-rank (reference) for M-Loc, ' if cfg.m_locality != 'top1' else ''}"
                 "top-1 agreement with pre-edit outputs at the target positions; "
@@ -430,14 +434,14 @@ def run_stream(run_dir: str | Path) -> tuple[RunConfig, list[Case]]:
 
 
 def run_scope_marks(run_dir: str | Path) -> dict[str, bool] | None:
-    """:func:`~mmke.eval.summary.scope_marks` of a finished sequential or cross-task run
-    (:func:`run_stream`); None for other settings, or where the run's data can no longer be read."""
+    """:func:`~mmke.eval.summary.scope_marks` of a finished sequential, cross-task or lifelong run
+    (:func:`run_stream`); None for one-step runs, or where the run's data can no longer be read."""
     try:
         cfg, cases = run_stream(run_dir)
     except (OSError, ValueError, KeyError) as e:
         log.warning("%s: no scope marks (%s)", run_dir, e)
         return None
-    if cfg.setting in ("one-step", "lifelong"):
+    if cfg.setting == "one-step":
         return None
     return scope_marks(groups(cfg.setting, cases, cfg.k, cfg.checkpoints, cfg.probes))
 

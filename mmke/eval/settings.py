@@ -53,6 +53,10 @@ class Group:
     probes: list[Case] = field(default_factory=list)  # lifelong: the fixed locality probe set
     lifelong: bool = False
 
+    def row_key(self, n: int, key: str) -> str:
+        """The stored row of case ``key`` scored after ``n`` edits (lifelong: one per checkpoint)."""
+        return f"cp{n}:{key}" if self.lifelong else key
+
     def scored(self, n: int) -> list[Scored]:
         if not self.lifelong:
             return [Scored(c, METRICS) for c in self.cases]

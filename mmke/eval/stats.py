@@ -94,6 +94,20 @@ def bootstrap_ci(values: Sequence[float], *, level: float = DEFAULT_LEVEL, resam
     return Interval(float(x.mean()), lo, hi, len(x), level)
 
 
+def mean_of_means_ci(groups: Sequence[Sequence[float]], *, level: float = DEFAULT_LEVEL,
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """The mean of the groups' means (e.g. of five metrics each scored on its own cases) and its
+    percentile interval from resampling each group's values independently (seeded)."""
+    xs = [np.asarray(g, dtype=float) for g in groups]
+    if not xs or any(x.ndim != 1 or len(x) == 0 for x in xs):
+        raise ValueError("mean_of_means_ci needs non-empty groups of per-case values")
+    rng = np.random.default_rng(seed)
+    draws = np.mean([x[rng.integers(0, len(x), (resamples, len(x)))].mean(1) for x in xs], axis=0)
+    a = (1 - level) / 2
+    return Interval(float(np.mean([x.mean() for x in xs])), float(np.quantile(draws, a)),
+                    float(np.quantile(draws, 1 - a)), sum(len(x) for x in xs), level)
+
+
 def sign_flip_p_value(diffs: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> float:
     """Two-sided p-value of "the mean difference is 0" by flipping the signs of the per-case
     differences: the share of sign assignments whose |mean| is at least the observed |mean|."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from mmke.eval.scope import OUT_OF_SCOPE_M_LOCALITY, EditScope
 from mmke.eval.settings import Group
-from mmke.eval.stats import bootstrap_ci
+from mmke.eval.stats import bootstrap_ci, mean_of_means_ci
 from mmke.scoring import HARD_M_LOCALITY, METRICS
 
 
@@ -41,28 +41,24 @@ def aggregate(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
 
 
 def scope_marks(plan: list[Group]) -> dict[str, bool]:
-    """Per case key of a sequential or cross-task plan: whether its M-Locality input lies in the
-    scope of an edit of its own group (:mod:`mmke.eval.scope`)."""
+    """Per stored row key of a sequential, cross-task or lifelong plan: whether the row's M-Locality
+    input lies in the scope of the edits in place when it was scored (:mod:`mmke.eval.scope`): its
+    group's edits; in a lifelong stream, the first n edits at checkpoint n."""
     scope = EditScope(c.record for g in plan for c in g.cases)
     marks = {}
     for g in plan:
-        covered = scope.covered([c.record for c in g.cases])  # once per group
-        marks.update({c.key: scope.probe_key(c.record) in covered for c in g.cases})
+        for n in g.checkpoints:
+            covered = scope.covered([c.record for c in g.cases[:n]])  # once per group and checkpoint
+            marks.update({g.row_key(n, s.case.key): scope.probe_key(s.case.record) in covered
+                          for s in g.scored(n)})
     return marks
 
 
 def with_scope(rows: list[dict[str, Any]], plan: list[Group]) -> list[dict[str, Any]]:
-    """Rows of a sequential or cross-task run, those with an M-Locality score marked
+    """Rows of a sequential, cross-task or lifelong run, those with an M-Locality score marked
     ``m_loc_in_scope`` (:func:`scope_marks`)."""
     marks = scope_marks(plan)
     return [{**r, "m_loc_in_scope": marks[r["key"]]} if "m_locality" in r["metrics"] else r for r in rows]
-
-
-def scoped(row: dict[str, Any], scope: EditScope, record: Any, covered: set[tuple]) -> dict[str, Any]:
-    """A copy of ``row`` marked ``m_loc_in_scope`` where it holds an M-Locality score."""
-    if "m_locality" not in row["metrics"]:
-        return row
-    return {**row, "m_loc_in_scope": scope.probe_key(record) in covered}
 
 
 def _out_of_scope(rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -76,8 +72,6 @@ def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int 
     metrics over the edits so far, locality over the probe set): every metric over the rows that
     have it; the mean of the five metric means, its interval from resampling each metric's rows
     independently (seeded)."""
-    import numpy as np
-
     out: dict[str, Any] = {}
     intervals: dict[str, Any] = {}
     hard = [r for r in rows if r.get("m_loc_hard")]
@@ -89,14 +83,11 @@ def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int 
             ivs[HARD_M_LOCALITY] = bootstrap_ci([r[key]["m_locality"] for r in hard], seed=seed)
         if free:
             ivs[OUT_OF_SCOPE_M_LOCALITY] = bootstrap_ci([r[key]["m_locality"] for r in free], seed=seed)
-        rng = np.random.default_rng(seed)
-        draws = np.mean([np.asarray(v, float)[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
-                         for v in per_kind.values()], axis=0)
-        mean = statistics.fmean(ivs[k].mean for k in METRICS)
+        mean = mean_of_means_ci(list(per_kind.values()), resamples=resamples, seed=seed)
         out[key] = {k: iv.mean for k, iv in ivs.items()}
-        out["mean" if key == "metrics" else "mean_exact_match"] = mean
+        out["mean" if key == "metrics" else "mean_exact_match"] = statistics.fmean(ivs[k].mean for k in METRICS)
         intervals[key] = {k: [iv.lo, iv.hi] for k, iv in ivs.items()}
-        intervals[key]["mean"] = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
+        intervals[key]["mean"] = [mean.lo, mean.hi]
     out["n"] = {k: len([r for r in rows if k in r["metrics"]]) for k in METRICS}
     out["n_hard_m_locality"] = len(hard)
     if free is not None:
@@ -105,4 +96,4 @@ def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int 
     return out
 
 
-__all__ = ["aggregate", "aggregate_partial", "scope_marks", "with_scope", "scoped"]
+__all__ = ["aggregate", "aggregate_partial", "scope_marks", "with_scope"]
