@@ -5,7 +5,8 @@
 Reports the median edit time in windows around edit 1, 10, 100 and 1,000 (and its ratio to the
 window at edit 1), and the median time per optimisation step (UniKE and T-Patcher stop early, and
 later edits that conflict with earlier ones on the same image and question need more steps: the
-time per step is the cost of the mechanism, the edit time that of the edit as users run it), and the inference cost with every edit applied: the median over ``--repeats``
+time per step is the cost of the mechanism, the edit time that of the edit as users run it; NLL0 is the target's NLL when the edit's training
+starts, with every earlier edit in place), and the inference cost with every edit applied: the median over ``--repeats``
 forward passes of a fixed batch of ``--probes`` inputs, unedited (before the first edit) and
 edited (after the last), in the same process. Edit cases are the bundled benchmark's eval records,
 cycled if N exceeds them (a speed benchmark: what the edits teach does not matter).
@@ -93,7 +94,7 @@ def main() -> None:
     unedited = infer()
     print(f"unedited forward of {len(probe_ex)} probes: {unedited * 1e3:.1f} ms "
           f"({torch.get_num_threads()} threads)", flush=True)
-    times, steps, handles = [], [], []
+    times, steps, start_nll, handles = [], [], [], []
     t_all = time.perf_counter()
     for i in range(args.edits):
         rec = records[i % len(records)]
@@ -102,10 +103,12 @@ def main() -> None:
         handles.append(editor.edit(EditRequest(ex, rec.to_dict())))
         times.append(time.perf_counter() - t)
         steps.append(int(handles[-1].meta.get("steps", 0)))
+        start_nll.append(float(handles[-1].meta.get("start_nll", float("nan"))))
         if (i + 1) % args.every == 0 or i + 1 == args.edits:
             recent = statistics.median(times[-args.every:])
             print(f"edit {i + 1}/{args.edits}: median of the last {min(args.every, len(times))} "
-                  f"{recent * 1e3:.0f} ms, {statistics.median(steps[-args.every:]):.0f} steps "
+                  f"{recent * 1e3:.0f} ms, {statistics.median(steps[-args.every:]):.0f} steps, "
+                  f"target NLL before training {statistics.median(start_nll[-args.every:]):.2f} "
                   f"({time.perf_counter() - t_all:.0f} s elapsed)", flush=True)
     edited = infer()
     windows = {}
@@ -114,6 +117,7 @@ def main() -> None:
             hi = min(hi, len(times))
             windows[at] = {"edits": [lo, hi], "median_s": statistics.median(times[lo - 1: hi]),
                            "median_steps": statistics.median(steps[lo - 1: hi]),
+                           "median_start_nll": statistics.median(start_nll[lo - 1: hi]),
                            "median_s_per_step": statistics.median(t / max(n, 1) for t, n in
                                                                   zip(times[lo - 1: hi], steps[lo - 1: hi]))}
     base, base_step = windows[1]["median_s"], windows[1]["median_s_per_step"]
@@ -123,11 +127,13 @@ def main() -> None:
     row = {"method": args.method, "method_config": sets, "targets": args.targets, "task": args.task, "edits": args.edits, "probes": len(probe_ex),
            "repeats": args.repeats, "edit_time_windows": windows,
            "unedited_forward_s": unedited, "edited_forward_s": edited, "inference_ratio": edited / unedited,
-           "edit_times_s": times, "edit_steps": steps}
-    print(f"\n{'edit':>6} {'window':>10} {'median ms':>10} {'x edit 1':>9} {'steps':>6} {'ms/step':>8} {'x edit 1':>9}")
+           "edit_times_s": times, "edit_steps": steps, "edit_start_nll": start_nll}
+    print(f"\n{'edit':>6} {'window':>10} {'median ms':>10} {'x edit 1':>9} {'steps':>6} {'ms/step':>8} {'x edit 1':>9} "
+          f"{'NLL0':>6}")
     for at, w in windows.items():
         print(f"{at:>6} {w['edits'][0]:>4}-{w['edits'][1]:<5} {w['median_s'] * 1e3:>10.1f} {w['ratio_to_edit_1']:>9.2f} "
-              f"{w['median_steps']:>6.0f} {w['median_s_per_step'] * 1e3:>8.1f} {w['per_step_ratio_to_edit_1']:>9.2f}")
+              f"{w['median_steps']:>6.0f} {w['median_s_per_step'] * 1e3:>8.1f} {w['per_step_ratio_to_edit_1']:>9.2f} "
+              f"{w['median_start_nll']:>6.2f}")
     print(f"inference, {len(probe_ex)} probes: unedited {unedited * 1e3:.1f} ms, with {args.edits} edits "
           f"{edited * 1e3:.1f} ms: {edited / unedited:.2f}x")
     atomic_write_json(out, {"date": date.today().isoformat(),

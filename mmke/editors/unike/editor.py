@@ -312,7 +312,7 @@ class UniKEEditor(TrainedEditor):
                 if loc is not None and whiten is None:  # rows for the memory loss of trained keys
                     tids = target_positions(cache.labels)[1][0]
                     keep = loc.rows_to_keep(ex.prompt, ex.target, tids, cfg.mem_skip_same)
-                steps, nll = train_patches(
+                steps, nll, start_nll = train_patches(
                     self.runner, cache, patches, loc, keep, steps=cfg.steps, lr=cfg.lr, key_lr=cfg.key_lr,
                     act_weight=cfg.act_weight, margin=cfg.margin, mem_weight=cfg.mem_weight,
                     mem_margin=cfg.mem_margin, stop_loss=cfg.stop_loss, mem_tol=cfg.mem_tol,
@@ -322,7 +322,7 @@ class UniKEEditor(TrainedEditor):
                     meta["value_scale"] = round(shrink_values(self.runner, cache, patches, cfg.shrink_to), 4)
                 for l, p in patches.items():
                     tensors.update({f"patch.{l}.{k}": v.detach().cpu() for k, v in p.state().items()})
-                meta.update(steps=steps, final_nll=round(nll, 4),
+                meta.update(steps=steps, start_nll=round(start_nll, 4), final_nll=round(nll, 4),
                             image_gate=bool(next(iter(patches.values())).gated) if patches else False)
                 # trained: the frozen neurons move into the layers' packed banks
                 train_hooks.remove()

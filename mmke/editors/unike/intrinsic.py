@@ -323,8 +323,10 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
                   stop_loss: float, mem_tol: float = 0.0, q_base: dict[int, torch.Tensor] | None = None,
                   shift_weight: float = 0.0, whiten: float | None = None,
                   gate: tuple[float, float] = (0.25, 0.45),
-                  image_gate: tuple[float, float] | None = None) -> tuple[int, float]:
-    """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, NLL).
+                  image_gate: tuple[float, float] | None = None) -> tuple[int, float, float]:
+    """Initialise and optimise the installed ``patches`` on the cached edit. Returns (steps, the
+    target's NLL at the last step, and at the first: with every earlier edit in place and the new
+    values still 0, so it shows how far earlier edits pull the target away or toward it).
     ``q_base``: the edit's FFN inputs without latent IKE (:func:`init_patches`). ``whiten`` (the
     ridge of :meth:`LocalityMemory.whitener`): closed-form keys, fixed; only the values train (the
     activation and memory losses, which move keys, are off). ``image_gate`` (lo, hi): gate the
@@ -359,7 +361,7 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
         t.requires_grad_(True)
     # keys are unit vectors (entries ~ H^-1/2): they move far slower than the values
     opt = torch.optim.Adam([{"params": values, "lr": lr}] + ([{"params": keys, "lr": key_lr}] if keys else []))
-    step, nll_v = 0, float("nan")
+    step, nll_v, start = 0, float("nan"), float("nan")
     try:
         with torch.enable_grad():
             for step in range(1, steps + 1):
@@ -369,6 +371,8 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
                 loss_mem = torch.stack([torch.relu(patches[l].pre(m) + mem_margin).mean()
                                         for l, m in mem.items()]).mean() if mem is not None else nll.new_zeros(())
                 nll_v = float(nll.detach())
+                if step == 1:
+                    start = nll_v
                 log.debug("step %d: nll %.4f act %.4f mem %.5f", step, nll_v, float(loss_act.detach()),
                           float(loss_mem.detach()))
                 act_met = act_weight == 0 or float(loss_act.detach()) == 0.0
@@ -386,7 +390,7 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
             p.recorded = {}
         for t in params:
             t.requires_grad_(False)
-    return step, nll_v
+    return step, nll_v, start
 
 
 @torch.no_grad()
