@@ -431,13 +431,14 @@ def _out_of_scope_in_both(dir_a: str | Path, dir_b: str | Path, shared: list[str
 def render_compare(c: dict[str, Any]) -> str:
     """Markdown table of :func:`compare`'s result, with a one-line verdict per metric."""
     a, b = c["method_a"], c["method_b"]
+    name_a, name_b = (f"A ({a})", f"B ({b})") if a == b else (a, b)  # two runs of one method: by side
     after = f" after {c['checkpoint']} edits" if "checkpoint" in c else ""
     lines = [f"{c['a']} ({a}) vs {c['b']} ({b}), task {c['task']}{after}: {c['n_shared']} shared cases "
              f"(of {c['n_a']} / {c['n_b']}); {c['metric']}, percent; 95% paired bootstrap interval of A - B, "
              "two-sided sign-flip p-value", "",
              f"| metric | A ({a}) | B ({b}) | A - B [95% CI] | p | n | verdict |", "|---|---|---|---|---|---|---|"]
     for k, r in c["rows"].items():
-        verdict = (f"{a} higher" if r["lo"] > 0 else f"{b} higher" if r["hi"] < 0 else "no difference shown")
+        verdict = (f"{name_a} higher" if r["lo"] > 0 else f"{name_b} higher" if r["hi"] < 0 else "no difference shown")
         p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
         lines.append(f"| {SHORT[k]} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} "
                      f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {p} | {r['n']} | {verdict} |")
