@@ -11,7 +11,9 @@ Reads each run's ``run.json`` and its data file (the stream is rebuilt in the ru
 the stream table is the first run's. Prints Markdown. Content classes are those the records'
 ``image_rephrase`` links (labels-free, any MMEdit-layout file); ``--easyvqa-labels`` (the bundled
 benchmark) uses easy-vqa's own colour-shape labels instead, which the links only partly reveal,
-and adds how many of the probe set's M-Locality inputs are then in scope at each checkpoint.
+and adds how many of the probe set's M-Locality inputs are then in scope at each checkpoint, and
+each run's M-Locality at its last checkpoint over the probes out of scope by the labels, in scope by
+the labels only, and in scope by the links.
 """
 
 from __future__ import annotations
@@ -89,6 +91,34 @@ def main() -> None:
                 (kept if norm_text(c.record.alt) == latest[scope.edit_key(c.record)] else over).append(v)
         mean = lambda v: f"{100 * sum(v) / len(v):.1f} (n = {len(v)})" if v else "–"  # noqa: E731
         print(f"| {d} | {mean(kept + over)} | {mean(kept)} | {mean(over)} |")
+    if image_class is not None:
+        _m_locality_by_scope(args.run_dirs, image_class)
+
+
+def _m_locality_by_scope(run_dirs: list[Path], image_class) -> None:
+    """Per run, M-Locality at the last checkpoint over the probes split by whether the edits so far
+    reach them by the records' links and by the labels (in scope by links is in scope by labels
+    wherever the links join images of one label, as on the bundled benchmark)."""
+    print("\n| run | M-Loc | out of scope by labels | in scope by labels only | in scope by links |")
+    print("|---|---|---|---|---|")
+    for d in run_dirs:
+        cfg, cases = stream(d)
+        n = cfg.checkpoints[-1]
+        records = [c.record for c in cases]
+        links, labels = EditScope(records), EditScope(records, image_class)
+        cov_links, cov_labels = links.covered(records[:n]), labels.covered(records[:n])
+        mloc = {r["key"]: r["metrics"]["m_locality"] for r in CaseStore(d / "cases.jsonl").rows()
+                if r.get("checkpoint") == n and "m_locality" in r["metrics"]}
+        split: dict[str, list[float]] = {"all": [], "out": [], "labels only": [], "links": []}
+        for c in cases[: cfg.probes]:
+            v = mloc.get(f"cp{n}:{c.key}")
+            if v is None:
+                continue
+            split["all"].append(v)
+            in_links, in_labels = links.probe_key(c.record) in cov_links, labels.probe_key(c.record) in cov_labels
+            split["links" if in_links else "labels only" if in_labels else "out"].append(v)
+        mean = lambda v: f"{100 * sum(v) / len(v):.1f} (n = {len(v)})" if v else "–"  # noqa: E731
+        print(f"| {d} | {' | '.join(mean(v) for v in split.values())} |")
 
 
 if __name__ == "__main__":
