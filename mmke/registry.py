@@ -42,6 +42,8 @@ METHODS: dict[str, Entry] = {e.name: e for e in [
           "trained text-only scope classifier + counterfactual model answering in-scope inputs with the edit in view"),
     Entry("serac-mm", "mmke.editors.serac:SERACMMEditor",
           "SERAC with mmke's image-aware scope classifier: the edit's question about another image is out of scope"),
+    Entry("serac-mm-gated", "mmke.editors.serac:SERACMMGatedEditor",
+          "serac-mm whose edits made on an image answer only inputs whose image resembles the edit's (a hard gate)"),
     Entry("grace", "mmke.editors.grace:GraceEditor",
           "GRACE: a shared codebook of keys and values with deferral radii at one late LM FFN value projection"),
     Entry("grace-mm", "mmke.editors.grace:GraceMMEditor",

@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--task", default="vqa", choices=list(TASKS))
     ap.add_argument("--cases", type=int, default=150, help="train cases (the first ones of the train split)")
     ap.add_argument("--layer", type=int, default=None, help="LM layer (default: GRACE's)")
+    ap.add_argument("--site", default="ffn-input", choices=["ffn-input", "layer-output"],
+                    help="ffn-input: the input of the layer's FFN value projection (grace-mm's gate); "
+                         "layer-output: the layer's output states")
     args = ap.parse_args()
     torch.set_num_threads(1)
     adapter = load_model("default")
@@ -38,8 +41,12 @@ def main() -> None:
         train = Run(RunConfig(task=args.task, method="grace-mm"), tmp, adapter=adapter).train_records()[: args.cases]
     layer = resolve_layer(adapter, args.layer, "grace")
     box: dict[str, torch.Tensor] = {}
-    hook = adapter.site(f"lm.ffn_value.{layer}").register_forward_pre_hook(
-        lambda _m, a: box.__setitem__("a", a[0].detach()))
+    if args.site == "ffn-input":
+        hook = adapter.site(f"lm.ffn_value.{layer}").register_forward_pre_hook(
+            lambda _m, a: box.__setitem__("a", a[0].detach()))
+    else:
+        hook = adapter.lm_layers()[layer].register_forward_hook(
+            lambda _m, _a, out: box.__setitem__("a", (out[0] if isinstance(out, tuple) else out).detach()))
 
     @torch.no_grad()
     def signature(ex) -> torch.Tensor:
@@ -60,7 +67,8 @@ def main() -> None:
     same = (unit["edit"] * unit["same"]).sum(-1)
     other = (unit["edit"] * unit["other"]).sum(-1)
     q = torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99])
-    print(f"{len(train)} train cases, layer {layer} (value-projection input), centred on the edit inputs' mean")
+    site = "value-projection input" if args.site == "ffn-input" else "output states"
+    print(f"{len(train)} train cases, layer {layer} ({site}), centred on the edit inputs' mean")
     print("quantiles             " + "  ".join(f"{float(v):>5.2f}" for v in q))
     for name, c in (("same content (open)", same), ("other content (shut)", other)):
         print(f"{name:<22}" + "  ".join(f"{float(v):>5.2f}" for v in c.quantile(q)))

@@ -299,3 +299,62 @@ def test_registry_lists_both_variants():
     for m in ("serac", "serac-mm"):
         assert METHODS[m].description
     assert "image" in METHODS["serac-mm"].description
+
+
+# ---- serac-mm-gated: a hard image gate on serac-mm's classifier -------------------------------
+def _gated(trained, records, **options):
+    from mmke.editors.serac import SERACMMGatedConfig, SERACMMGatedEditor
+
+    _, name, weights = trained
+    cfg = SERACMMGatedConfig(**{**VARIANTS["serac-mm"][2], "weights": str(weights), **options})
+    return SERACMMGatedEditor(BUILDERS[name](), cfg, task=TASKS["vqa"], train_records=records, model_name=name)
+
+
+def test_serac_mm_gated_masks_serac_mm_scores_by_image_and_reloads(trained, records, tmp_path):
+    """The gate only removes edits from the classifier's choice: where open, the scores are
+    serac-mm's; an image-made edit is shut to text-only inputs and, above the threshold, to any
+    image but its own. A saved edit keeps its signature and reloads to the same scores."""
+    from mmke.editors.serac import SERACMMGatedEditor
+
+    if trained[0] != "serac-mm":
+        pytest.skip("the gate sits on serac-mm's classifier")
+    plain = _editor(trained)
+    rec = records[0]
+    inputs, _ = _case(plain, rec)
+    edit_in = inputs["reliability"]
+    probes = [edit_in, replace(edit_in, image=inputs["m_locality"].image), inputs["t_locality"]]
+    h = plain.edit(EditRequest(edit_in, rec.to_dict()))
+    base = plain.scope_scores(probes)[:, 0]
+    h.remove()
+    for gate, expect in ((-1.0, [True, True, False]), (0.999, [True, None, False]), (1.5, [False, False, False])):
+        ed = _gated(trained, records, image_gate=gate)
+        h = ed.edit(EditRequest(edit_in, rec.to_dict()))
+        assert "features.sig" in h.tensors
+        got = ed.scope_scores(probes)[:, 0]
+        for g, b, e in zip(got.tolist(), base.tolist(), expect):
+            if e is not None:
+                assert g == pytest.approx(b if e else 0.0, abs=1e-6), (gate, got, base)
+        if gate == 0.999:
+            h.save(tmp_path / "e")
+            h.remove()
+            ed2 = _gated(trained, records, image_gate=gate)
+            again = ed2.load(tmp_path / "e")
+            assert torch.allclose(ed2.scope_scores(probes)[:, 0], got)
+            again.remove()
+        else:
+            h.remove()
+    assert editor_class("serac-mm-gated") is SERACMMGatedEditor and SERACMMGatedEditor.weights_of == "serac-mm"
+    assert SERACMMGatedEditor.uses_train_records(SERACMMGatedEditor.Config())
+
+
+def test_serac_mm_gated_needs_train_records_and_is_not_trained_on_its_own(trained):
+    from mmke.editors.serac import SERACMMGatedEditor
+    from mmke.train.editors import train_method
+
+    if trained[:2] != ("serac-mm", "tiny-llava"):
+        pytest.skip("one model is enough")
+    with pytest.raises(ValueError, match="train records"):
+        SERACMMGatedEditor(tiny_llava(), SERACMMGatedEditor.Config(
+            **{**VARIANTS["serac-mm"][2], "weights": str(trained[2])}), task=TASKS["vqa"], model_name="tiny-llava")
+    with pytest.raises(ValueError, match="train serac-mm"):
+        train_method("serac-mm-gated", "vqa", adapter=tiny_llava())

@@ -98,6 +98,9 @@ class TrainedEditor(Editor):
     """
 
     Config = TrainedEditorConfig
+    #: the method whose trained module this editor loads (a variant that only changes how the
+    #: module is used shares its method's weights); None: its own name
+    weights_of: str | None = None
 
     def __init__(self, adapter, config=None, *, task=None, train_records=None, untrained: bool = False,
                  model_name: str | None = None, **context: Any) -> None:
@@ -166,17 +169,18 @@ class TrainedEditor(Editor):
     # ---- where the weights are ----------------------------------------------------------
     def weights_dir(self) -> Path:
         task = self.task.name if self.task is not None else "vqa"
+        method = self.weights_of or self.name
         if self.config.weights:
             d = Path(self.config.weights)
             if not (d / WEIGHTS_FILE).exists():
                 raise FileNotFoundError(f"{self.name}: no {WEIGHTS_FILE} in {d}; train with "
-                                        f"`{train_command(self.name, task, self.model_name)}`")
+                                        f"`{train_command(method, task, self.model_name)}`")
             return d
-        d = bundled_weights_dir(self.name, task)
+        d = bundled_weights_dir(method, task)
         if self.model_name != "default" or not (d / WEIGHTS_FILE).exists():
             raise FileNotFoundError(
                 f"{self.name} needs trained weights for model {self.model_name!r} on task {task!r}; "
-                f"none are bundled. Train them with `{train_command(self.name, task, self.model_name)}` "
+                f"none are bundled. Train them with `{train_command(method, task, self.model_name)}` "
                 f"(or mmke.train.editors.train_method) and give the directory as the option weights=DIR "
                 f"(`--set weights=DIR` on the command line)")
         return d

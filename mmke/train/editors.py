@@ -276,6 +276,9 @@ def train_method(method: str, task: str, model: str = "default", out: str | Path
     cls = editor_class(method)
     if not issubclass(cls, TrainedEditor):
         raise ValueError(f"{method} has nothing to train (trainable: MEND, KE, SERAC, UniKE)")
+    if cls.weights_of is not None and cls.weights_of != method:
+        raise ValueError(f"{method} uses {cls.weights_of}'s trained module: train {cls.weights_of} "
+                         f"(`mmke train --method {cls.weights_of}`) and pass its directory with --set weights=DIR")
     config = cls.Config(**(method_config or {}))
     if replace_bundled:
         if model != "default" or out is not None:

@@ -182,8 +182,15 @@ class SERACBase(TrainedEditor):
         """Scope probabilities [N, M] of the inputs against the M stored edits."""
         if not self._memory:
             return torch.zeros(len(examples), 0)
-        e = cat_features([m.features for m in self._memory])
-        return torch.sigmoid(self.scope_logits(self.input_features(examples), e))
+        x, e = self.input_features(examples), cat_features([m.features for m in self._memory])
+        scores = torch.sigmoid(self.scope_logits(x, e))
+        allowed = self.scope_allowed(x, e)
+        return scores if allowed is None else scores * allowed.to(scores)
+
+    def scope_allowed(self, x: Features, e: Features) -> torch.Tensor | None:
+        """[N, M] which stored edits may answer which inputs whatever the classifier says (a
+        variant's hard gate); None: all of them."""
+        return None
 
     # ---- counterfactual model ---------------------------------------------------------
     @contextmanager

@@ -51,6 +51,11 @@ class SERACMMConfig(SERACBaseConfig):
     #: recent training cases replayed in the classifier loss: every case's edit is scored against
     #: every buffered input (the features are frozen, so old cases stay valid)
     buffer_cases: int = 64
+    #: serac-mm-gated: a stored edit made on an image answers only inputs whose image signature (the
+    #: feature layer's output averaged over the image tokens, centred on train inputs) has at least
+    #: this cosine with the edit image's; None: the classifier alone decides (serac-mm)
+    image_gate: float | None = None
+    center_cases: int = 64  # serac-mm-gated: train-split inputs whose mean signature centres the gate
 
 
 FEATURE_KEYS = ("text", "hidden", "image", "has_image")
@@ -130,7 +135,18 @@ class SERACMMEditor(SERACBase):
     def __init__(self, adapter, config: SERACMMConfig | None = None, **kwargs: Any) -> None:
         self._text_cache: dict[str, torch.Tensor] = {}
         self._buffer: deque[_BufferedCase] = deque()
+        self._center: torch.Tensor | None = None  # the gate's centre (serac-mm-gated)
         super().__init__(adapter, config, **kwargs)
+        if self.config.image_gate is not None:
+            records = self.train_records[: self.config.center_cases]
+            if not records:
+                raise ValueError(f"{self.name}: the image gate is centred on train inputs: give train records "
+                                 "(--train-data), or --set image_gate=null for serac-mm")
+            self._center = self._image_center(records)
+
+    @classmethod
+    def uses_train_records(cls, config) -> bool:
+        return config.image_gate is not None
 
     # ---- module ----------------------------------------------------------------------
     def _feature_layer(self) -> int:
@@ -168,14 +184,16 @@ class SERACMMEditor(SERACBase):
         return torch.stack([self._text_cache[p] for p in prompts])
 
     @torch.no_grad()
-    def _states(self, examples: Sequence[Example]) -> torch.Tensor:
+    def _states(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Base-model states at ``feature_layer`` [N, 2H]: at the last prompt token (it has seen
-        the image and the whole prompt) and averaged over the prompt, image positions included.
-        The forward stops at the feature layer."""
+        the image and the whole prompt) and averaged over the prompt, image positions included;
+        and the image signature [N, H]: the states averaged over the image-token positions (0
+        without an image). The forward stops at the feature layer."""
         adapter = self.adapter
         layer = adapter.lm_layers()[self._feature_layer()]
         H = self.module.scope.lm_hidden
         out = torch.zeros(len(examples), 2 * H, device=self.device)  # features meet the classifier
+        sig = torch.zeros(len(examples), H, device=self.device)
         got: list[torch.Tensor] = []
 
         def stop(_mod, _args, output):
@@ -197,13 +215,32 @@ class SERACMMEditor(SERACBase):
                     raise RuntimeError(f"{self.name}: LM layer {self._feature_layer()} did not run")
                 h = got[0].float().to(out.device)  # [B, T, H]
                 attn = batch.inputs["attention_mask"].bool().to(out.device)
+                im = adapter.image_mask(batch).to(out.device)
                 for b, i in enumerate(idx):
                     t0 = int((batch.labels[b] != -100).nonzero()[0])  # first target token
                     out[i, :H] = h[b, t0 - 1]
                     out[i, H:] = h[b, :t0][attn[b, :t0]].mean(0)
+                    if bool(im[b].any()):
+                        sig[i] = h[b][im[b]].mean(0)
         finally:
             handle.remove()
-        return out
+        return out, sig
+
+    def _image_center(self, records) -> torch.Tensor:
+        """Mean image signature of the edit inputs of ``records`` (train split), images decoded
+        one record at a time."""
+        from mmke.scoring import case_inputs
+        from mmke.tasks import TASKS
+
+        task = self.task or TASKS["vqa"]
+        sigs = []
+        for r in records:
+            ex = case_inputs(r, task, self.adapter.load_image, kinds=("reliability",))["reliability"]
+            if ex.image is not None:
+                sigs.append(self._states([ex])[1][0])
+        if not sigs:
+            raise ValueError(f"{self.name}: none of the {len(records)} train records has an image to centre the gate on")
+        return torch.stack(sigs).mean(0)
 
     def input_features(self, examples: Sequence[Example]) -> Features:
         """The classifier's raw features of some inputs (see :data:`FEATURE_KEYS`). The base
@@ -212,13 +249,16 @@ class SERACMMEditor(SERACBase):
         with_img = [i for i, ex in enumerate(examples) if ex.image is not None]
         # the image alone: an empty prompt, so the last prompt position closes the image
         alone = [Example("", examples[i].target, examples[i].image) for i in with_img]
-        states = self._states(list(examples) + alone)
+        states, sig = self._states(list(examples) + alone)
         image = torch.zeros_like(states[:n])
         image[with_img] = states[n:]
         has = torch.zeros(n, dtype=torch.bool, device=states.device)
         has[with_img] = True
-        return {"text": self._text_features([ex.prompt for ex in examples]), "hidden": states[:n],
-                "image": image, "has_image": has}
+        feats = {"text": self._text_features([ex.prompt for ex in examples]), "hidden": states[:n],
+                 "image": image, "has_image": has}
+        if self._center is not None:  # the gate's unit signature (0 without an image)
+            feats["sig"] = F.normalize(sig[:n] - self._center.to(sig), dim=-1) * has[:, None]
+        return feats
 
     def edit_features(self, example: Example) -> Features:
         return self.input_features([example])
@@ -226,7 +266,16 @@ class SERACMMEditor(SERACBase):
     def feature_shapes(self) -> dict[str, tuple[int, ...]]:
         sc = self.module.scope
         return {"text": (sc.text_dim,), "hidden": (2 * sc.lm_hidden,), "image": (2 * sc.lm_hidden,),
-                "has_image": ()}
+                "has_image": ()} | ({"sig": (sc.lm_hidden,)} if self._center is not None else {})
+
+    def scope_allowed(self, x, e) -> torch.Tensor | None:
+        """serac-mm-gated: an edit made on an image is open only to inputs with an image whose
+        signature has at least ``image_gate`` cosine with the edit image's; an edit made without an
+        image stays open to every input (as in serac-mm)."""
+        if self._center is None:
+            return None
+        cos = x["sig"] @ e["sig"].t()
+        return ~e["has_image"].bool()[None, :] | (x["has_image"].bool()[:, None] & (cos >= self.config.image_gate))
 
     def scope_logits(self, x: Features, e: Features) -> torch.Tensor:
         sc = self.module.scope
@@ -281,3 +330,24 @@ class SERACMMEditor(SERACBase):
             acc = 0.5 * (((logits > 0) == (label > 0))[pos].float().mean()
                          + ((logits > 0) == (label > 0))[neg].float().mean())
         return loss, acc.item()
+
+
+class SERACMMGatedConfig(SERACMMConfig):
+    """serac-mm-gated options: serac-mm's, with the image gate on (threshold from the train split:
+    ``scripts/image_gate_separation.py --site layer-output --layer 7``)."""
+
+    image_gate: float | None = 0.5
+
+
+class SERACMMGatedEditor(SERACMMEditor):
+    """serac-mm whose stored edits made on an image answer only inputs whose image resembles the
+    edit's: the classifier's soft "same question and same content" becomes a hard AND on content.
+    With many edits stored, some edit's score clears the threshold for almost any input; the gate
+    (grace-mm's, on serac-mm's own feature-layer states) keeps unrelated images with the base model.
+    It loads serac-mm's trained classifier and counterfactual model."""
+
+    name = "serac-mm-gated"
+    Config = SERACMMGatedConfig
+    config: SERACMMGatedConfig
+    weights_of = "serac-mm"
+
