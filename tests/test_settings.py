@@ -31,6 +31,7 @@ FAST = {
     "t-patcher": {"steps": 5, "memory_size": 4},
     "unike": {"layers": 2, "n_neurons": 3, "steps": 3, "memory_size": 4, "k": 4, "memory_entries": 8},
     "serac": {"lora_layers": [-2, -1]}, "serac-mm": {"lora_layers": [-2, -1]},
+    "serac-mm-gated": {"lora_layers": [-2, -1]},
     "grace": {}, "wise": {"save_freq": 10},  # one open shard (tests/test_lifelong_editors.py merges)
 }
 UNIKE_FAMILY = [m for m in METHODS if m.startswith("unike")]
