@@ -37,7 +37,7 @@ from mmke.eval.provenance import check_same_run, library_versions
 from mmke.eval.scope import one_target_per_pair
 from mmke.eval.settings import Case, Group, groups, interleave
 from mmke.eval.store import CaseStore
-from mmke.eval.summary import aggregate, aggregate_partial, scope_marks, with_scope
+from mmke.eval.summary import aggregate, aggregate_partial, mark_scope, scope_marks, with_scope
 from mmke.io import atomic_write_json, file_digest
 from mmke.models.base import state_digest
 from mmke.models.placement import placement_record
@@ -385,8 +385,9 @@ class Run:
         rows = store.done
         edit_s = [rows[f"edit:{c.key}"]["edit_s"] for c in g.cases]
         curve = []
+        marks = scope_marks([g])  # every checkpoint's rows, once
         for n in g.checkpoints:
-            cp = with_scope([rows[g.row_key(n, s.case.key)] for s in g.scored(n)], [g])
+            cp = mark_scope([rows[g.row_key(n, s.case.key)] for s in g.scored(n)], marks)
             agg = aggregate_partial(cp, seed=self.cfg.seed)
             agg["n_edits"] = n
             agg["edit_s_median"] = statistics.median(edit_s[max(0, n - 5):n])  # edits n-4..n

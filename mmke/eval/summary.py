@@ -57,7 +57,11 @@ def scope_marks(plan: list[Group]) -> dict[str, bool]:
 def with_scope(rows: list[dict[str, Any]], plan: list[Group]) -> list[dict[str, Any]]:
     """Rows of a sequential, cross-task or lifelong run, those with an M-Locality score marked
     ``m_loc_in_scope`` (:func:`scope_marks`)."""
-    marks = scope_marks(plan)
+    return mark_scope(rows, scope_marks(plan))
+
+
+def mark_scope(rows: list[dict[str, Any]], marks: dict[str, bool]) -> list[dict[str, Any]]:
+    """``rows``, those with an M-Locality score marked ``m_loc_in_scope`` from ``marks`` (by row key)."""
     return [{**r, "m_loc_in_scope": marks[r["key"]]} if "m_locality" in r["metrics"] else r for r in rows]
 
 
@@ -96,4 +100,4 @@ def aggregate_partial(rows: list[dict[str, Any]], seed: int = 0, resamples: int 
     return out
 
 
-__all__ = ["aggregate", "aggregate_partial", "scope_marks", "with_scope"]
+__all__ = ["aggregate", "aggregate_partial", "mark_scope", "scope_marks", "with_scope"]
