@@ -4,9 +4,10 @@
 
 Reports the median edit time in windows around edit 1, 10, 100 and 1,000 (and its ratio to the
 window at edit 1), and the median time per optimisation step (UniKE and T-Patcher stop early, and
-later edits that conflict with earlier ones on the same image and question need more steps: the
-time per step is the cost of the mechanism, the edit time that of the edit as users run it; NLL0 is the target's NLL when the edit's training
-starts, with every earlier edit in place), and the inference cost with every edit applied: the median over ``--repeats``
+later edits need more steps where earlier edits' neurons fire on them: ``scripts/unike_interference.py``
+shows which; the time per step is the cost of the mechanism, the edit time that of the edit as users
+run it; NLL0 is the target's NLL when the edit's training starts, with every earlier edit in place),
+and the inference cost with every edit applied: the median over ``--repeats``
 forward passes of a fixed batch of ``--probes`` inputs, unedited (before the first edit) and
 edited (after the last), in the same process. Edit cases are the bundled benchmark's eval records,
 cycled if N exceeds them (a speed benchmark: what the edits teach does not matter).

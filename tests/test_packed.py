@@ -47,15 +47,16 @@ def records(tmp_path_factory):
     return colour_records(tmp_path_factory.mktemp("imgs"), 9)
 
 
-def _check_all_orders(adapter, editor, saved, layers, probes):
-    """Three saved edits: loaded together they hold 2 hooks per layer; removed in each of the six
+def _check_all_orders(adapter, editor, saved, layers, probes, hooks=None):
+    """Three saved edits: loaded together they hold 2 hooks per layer (or ``hooks``: layer -> the
+    (FFN key pre-hooks, FFN value hooks)); removed in each of the six
     orders, every intermediate model is exactly the one holding only the remaining edits, and the
     last removal leaves the unedited model with no hook at all."""
     before = _logits(adapter, probes)
     assert _no_hooks(adapter)
     for order in itertools.permutations(range(3)):
         handles = [editor.load(d) for d in saved]
-        assert all(v[:2] == (1, 1) for v in _hooks(adapter, layers).values())
+        assert {l: v[:2] for l, v in _hooks(adapter, layers).items()} == (hooks or {l: (1, 1) for l in layers})
         left = [0, 1, 2]
         for i in order:
             handles[i].remove()
@@ -98,6 +99,53 @@ def test_unike_intrinsic_edits_share_one_bank_and_unwind_in_any_order(records, t
         h.remove()
     assert _no_hooks(adapter) and torch.equal(_logits(adapter, probes), before)
     _check_all_orders(adapter, ed, saved, ed.layers, probes)
+
+
+def test_first_layer_keys_one_scope_for_every_layer(records, tmp_path):
+    """key_site="first": every edited layer's neurons read the first edited layer's FFN input, so an
+    edit's keys are the same at every layer; banks of their own (both capture at the first layer),
+    beside own-layer edits, and every removal order restores exactly."""
+    adapter = tiny_llava()
+    kw = dict(layers=2, n_neurons=4, steps=20, memory_size=4, key_init="whitened", image_gate=(0.3, 0.5))
+    ed = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(key_site="first", **kw), task=TASKS["vqa"],
+                              train_records=records)
+    own = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**kw), task=TASKS["vqa"], train_records=records)
+    first, second = ed.layers
+    exs = [Example("what color is the shape?", " green", _img(COLOURS["red"])),
+           Example("what color is the shape?", " red", _img(COLOURS["blue"])),
+           Example("is there a circle?", " yes", _img(COLOURS["green"]))]
+    probes = exs + [Example("nq question: what is the capital of france?", " paris", None)]
+    before = _logits(adapter, probes)
+    hs = []
+    for i, ex in enumerate(exs):
+        hs.append(ed.edit(EditRequest(ex)))
+        if i == 0:
+            v = adapter.run([ex])
+            assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())
+        assert hs[-1].meta["key_site"] == "first"
+        t = hs[-1].tensors  # the same keys, biases and centres at both layers: one scope
+        for k in ("key", "bias", "center", "img_key"):
+            assert torch.equal(t[f"patch.{first}.{k}"], t[f"patch.{second}.{k}"]), k
+    # both banks capture the first layer's FFN input; nothing captures at the second
+    assert {l: v[:2] for l, v in _hooks(adapter, ed.layers).items()} == {first: (2, 1), second: (0, 1)}
+    assert neuron_bank(adapter, second, first).num_neurons == 3 * kw["n_neurons"]
+    with_three = _logits(adapter, probes)
+    h_own = own.edit(EditRequest(exs[0]))  # an own-layer edit: the first layer's bank, and its own above
+    assert {l: v[:2] for l, v in _hooks(adapter, ed.layers).items()} == {first: (2, 1), second: (1, 2)}
+    h_own.remove()
+    assert torch.equal(_logits(adapter, probes), with_three)
+    saved = []
+    for i, h in enumerate(hs):
+        h.save(tmp_path / f"e{i}")
+        saved.append(tmp_path / f"e{i}")
+    for h in hs:
+        h.remove()
+    assert _no_hooks(adapter) and torch.equal(_logits(adapter, probes), before)
+    _check_all_orders(adapter, ed, saved, ed.layers, probes, hooks={first: (2, 1), second: (0, 1)})
+    with pytest.raises(ValueError, match="keyed on layer"):  # a bank takes only patches keyed on its layer
+        p = EditPatch(int(adapter.site(f"lm.ffn_key.{second}").in_features), 2)
+        p.key_layer = first
+        neuron_bank(adapter, second).add(object(), p)
 
 
 def test_tpatcher_edits_share_one_bank_and_unwind_in_any_order(tmp_path):

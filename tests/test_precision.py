@@ -246,6 +246,25 @@ def test_dtype_is_identity_placement_is_not(tmp_path):
     check_same_run(tmp_path, {"config": legacy, "provenance": prov}, old)  # before --dtype: fp32
 
 
+def test_an_option_added_later_matches_an_old_run_at_its_default(tmp_path):
+    """A run.json written before a method gained an option resumes where the option is at its
+    default (what the old run ran), and not where it is set to something else."""
+    from mmke.editors.unike import UniKEPlusEditor
+
+    defaults = UniKEPlusEditor.Config().model_dump()
+    cfg = RunConfig(model="tiny-llava", method="unike-plus", method_config=defaults).model_dump()
+    prov = {"model_digest": "x"}
+    mine = {"config": cfg, "provenance": prov}
+    legacy = {**cfg, "method_config": {k: v for k, v in defaults.items() if k != "key_site"}}
+    check_same_run(tmp_path, {"config": legacy, "provenance": prov}, mine, defaults)
+    changed = {**cfg, "method_config": {**defaults, "key_site": "first"}}
+    with pytest.raises(ValueError, match="differs in: method_config"):
+        check_same_run(tmp_path, {"config": legacy, "provenance": prov}, {"config": changed, "provenance": prov},
+                       defaults)
+    with pytest.raises(ValueError, match="differs in: method_config"):  # without the defaults: strict
+        check_same_run(tmp_path, {"config": legacy, "provenance": prov}, mine)
+
+
 def test_run_records_placement_and_refuses_another_dtype(tmp_path):
     data = write_toy_mmedit(tmp_path / "d", n=2)
     kw = dict(model="tiny-llava", method="null", data=str(data), image_root=str(data.parent))

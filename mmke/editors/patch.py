@@ -19,6 +19,12 @@ neurons' output to the FFN output), for every family whose keys and values are L
   block. An emptied bank removes its hooks and leaves the registry: the model is exactly the
   unedited one, no parameter was ever changed.
 
+A patch's keys normally read its own layer's FFN input. A patch whose ``key_layer`` is set reads
+that (earlier) layer's FFN input instead and still adds to its own layer's FFN output (UniKE's
+``key_site="first"``): all of an edit's layers then fire on exactly the same inputs and positions,
+decided where no other edit has changed the states yet. Such patches go to banks of their own,
+one per (layer, key layer).
+
 The packed block folds each edit's input centring and scaling (UniKE's ``mu`` and ``gamma``) and
 its zeta offset into per-neuron keys, biases and values,
 
@@ -53,6 +59,8 @@ class FFNPatch(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n))
         self.value = nn.Parameter(torch.zeros(n, hidden))
         self.act = act
+        #: the LM layer whose FFN input the keys read (None: the patch's own layer)
+        self.key_layer: int | None = None
 
     def forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q: [B, T, H] (or [B*T, H]) -> the patch's addition to the FFN output, same shape.
@@ -74,7 +82,7 @@ class PatchHooks:
         self.patches = patches
         self._handles = []
         for layer, patch in patches.items():
-            key = adapter.site(f"lm.ffn_key.{layer}")
+            key = adapter.site(f"lm.ffn_key.{key_layer_of(patch, layer)}")
             value = adapter.site(f"lm.ffn_value.{layer}")
             box: dict[str, torch.Tensor] = {}
 
@@ -134,8 +142,9 @@ class _Group:
 class NeuronBank:
     """Every installed edit's neurons of one LM layer, packed; one pre-hook + one hook in all."""
 
-    def __init__(self, adapter: ModelAdapter, layer: int) -> None:
+    def __init__(self, adapter: ModelAdapter, layer: int, key_layer: int | None = None) -> None:
         self.adapter, self.layer = adapter, layer
+        self.key_layer = layer if key_layer is None else key_layer  # whose FFN input the keys read
         self.entries: dict[Hashable, FFNPatch] = {}  # owner -> its (frozen) patch, in insertion order
         self._slices: dict[Hashable, slice] = {}
         self._handles: list = []
@@ -164,11 +173,14 @@ class NeuronBank:
         """Install ``patch`` (frozen) as the neurons of edit ``owner``; returns its neurons' slice."""
         if owner in self.entries:
             raise KeyError(f"edit {owner!r} is already in the bank of layer {self.layer}")
+        if key_layer_of(patch, self.layer) != self.key_layer:
+            raise ValueError(f"a patch keyed on layer {key_layer_of(patch, self.layer)}'s FFN input cannot join the "
+                             f"bank of layer {self.layer} keyed on layer {self.key_layer}'s (use neuron_bank)")
         patch.requires_grad_(False)
         self.entries[owner] = patch
         sl = self._pack(owner, patch)
         if not self._handles:
-            key = self.adapter.site(f"lm.ffn_key.{self.layer}")
+            key = self.adapter.site(f"lm.ffn_key.{self.key_layer}")
             value = self.adapter.site(f"lm.ffn_value.{self.layer}")
             self._handles = [key.register_forward_pre_hook(self._capture), value.register_forward_hook(self._add)]
         return sl
@@ -191,8 +203,8 @@ class NeuronBank:
             self._handles = []
             self.last_gates = None
             banks = getattr(self.adapter, "_neuron_banks", {})
-            if banks.get(self.layer) is self:
-                del banks[self.layer]
+            if banks.get(self._registry_key) is self:
+                del banks[self._registry_key]
 
     def _unpack_latest(self, owner: Hashable) -> None:
         """Take the latest edit's neurons off the end of its group: the packed block is then the
@@ -337,12 +349,31 @@ class NeuronBank:
             self.remove(o)
 
 
-def neuron_bank(adapter: ModelAdapter, layer: int) -> NeuronBank:
-    """The bank of installed neurons of ``layer`` (made on first use; registered on the adapter)."""
+    @property
+    def _registry_key(self) -> int | tuple[int, int]:
+        return bank_key(self.layer, self.key_layer)
+
+
+def key_layer_of(patch: FFNPatch, layer: int) -> int:
+    """The layer whose FFN input ``patch`` (installed at ``layer``) reads."""
+    k = getattr(patch, "key_layer", None)
+    return layer if k is None else int(k)
+
+
+def bank_key(layer: int, key_layer: int | None = None) -> int | tuple[int, int]:
+    """A bank's key in the adapter's registry: the layer, or (layer, key layer) for banks whose
+    keys read another layer's FFN input."""
+    return layer if key_layer is None or key_layer == layer else (layer, key_layer)
+
+
+def neuron_bank(adapter: ModelAdapter, layer: int, key_layer: int | None = None) -> NeuronBank:
+    """The bank of installed neurons of ``layer`` whose keys read ``key_layer``'s FFN input (default:
+    its own), made on first use and registered on the adapter."""
     banks = adapter.__dict__.setdefault("_neuron_banks", {})
-    if layer not in banks:
-        banks[layer] = NeuronBank(adapter, layer)
-    return banks[layer]
+    k = bank_key(layer, key_layer)
+    if k not in banks:
+        banks[k] = NeuronBank(adapter, layer, key_layer)
+    return banks[k]
 
 
 class BankedPatches:
@@ -351,7 +382,7 @@ class BankedPatches:
     def __init__(self, adapter: ModelAdapter, patches: dict[int, FFNPatch], owner: Hashable | None = None) -> None:
         self.owner = owner if owner is not None else object()
         self.patches = patches
-        self.banks = {l: neuron_bank(adapter, l) for l in patches}
+        self.banks = {l: neuron_bank(adapter, l, key_layer_of(p, l)) for l, p in patches.items()}
         self.slices = {l: self.banks[l].add(self.owner, p) for l, p in patches.items()}
 
     def remove(self) -> None:

@@ -27,11 +27,19 @@ _PROVENANCE_WORDS = {"versions": "library versions", "model_digest": "the model'
                      "train_data_digest": "the train file", "benchmark": "the benchmark build"}
 
 
-def check_same_run(out: Path, old: dict[str, Any], mine: dict[str, Any]) -> None:
+def check_same_run(out: Path, old: dict[str, Any], mine: dict[str, Any],
+                   option_defaults: dict[str, Any] | None = None) -> None:
     """Raise a ValueError saying what differs when ``out`` holds another run. Both sides are
-    compared as JSON holds them (a tuple option reads back as a list)."""
+    compared as JSON holds them (a tuple option reads back as a list). ``option_defaults``: the
+    method's option defaults; an option the old run's ``method_config`` lacks (added to the method
+    later) matches where this run keeps it at its default, which is what the old run ran."""
     old, mine = json.loads(json.dumps(old)), json.loads(json.dumps(mine))
     oc, mc = old.get("config", {}), mine["config"]
+    defaults = json.loads(json.dumps(option_defaults or {}))
+    om, mm = oc.get("method_config"), mc.get("method_config")
+    if isinstance(om, dict) and isinstance(mm, dict):
+        added = {k: v for k, v in mm.items() if k not in om and k in defaults and defaults[k] == v}
+        oc = {**oc, "method_config": {**om, **added}}
     # a run written before the settings existed was a one-step run
     if oc and "setting" not in oc and "setting" in mc:
         oc = {**oc, "setting": "one-step", "k": 1, "checkpoints": [], "probes": 100}

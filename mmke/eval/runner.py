@@ -162,7 +162,7 @@ class Run:
         mine = {"config": self.cfg.model_dump(), "provenance": provenance}
         if f.exists():
             old = json.loads(f.read_text())
-            check_same_run(self.out, old, mine)
+            check_same_run(self.out, old, mine, editor_class(self.cfg.method).Config().model_dump())
         elif self.out.exists() and (self.out / "cases.jsonl").exists():
             raise ValueError(f"{self.out} holds results without {RUN_FILE} (an older mmke, or not a run); "
                              "use another --out or delete the directory")

@@ -93,6 +93,10 @@ class UniKEConfig(TrainedEditorConfig):
     shrink_to: float | None = None  # after training, shrink the new values while P(target) stays >= this
     image_gate: tuple[float, float] | None = None  # (lo, hi): the neurons fire only on images whose
     # signature has a cosine above lo with the edit image's (fully above hi); unike-plus
+    key_site: Literal["own", "first"] = "own"  # the FFN input the new neurons' keys read: their own
+    # layer's (the paper), or the first edited layer's at every edited layer, so that an edit's
+    # neurons fire on the same inputs in all its layers, decided before any other edit has changed
+    # the states (earlier edits' neurons cannot then key later ones into firing: lifelong)
     shift_key_weight: float = 1.0  # with latent IKE: weight of the shift's direction in the initial keys
     mem_weight: float = 1.0
     mem_margin: float = 0.0
@@ -297,6 +301,8 @@ class UniKEEditor(TrainedEditor):
                 # the patches train beside the banks of the earlier edits (hooks of their own)
                 patches = {l: EditPatch(self.ffn_width(l), cfg.n_neurons, seed=cfg.seed + l, act=act)
                            .to(self.ffn_device(l)) for l in self.layers}
+                self._key_layers(patches, cfg.key_site)
+                meta["key_site"] = cfg.key_site
                 train_hooks = PatchHooks(self.adapter, patches)
                 undo.append(train_hooks.remove)
                 if cfg.external == "latent" and whiten is None:  # trained keys start from the shift
@@ -339,6 +345,12 @@ class UniKEEditor(TrainedEditor):
 
     def ffn_width(self, layer: int) -> int:
         return int(self.adapter.site(f"lm.ffn_key.{layer}").in_features)
+
+    def _key_layers(self, patches: dict[int, EditPatch], key_site: str) -> None:
+        """``key_site="first"``: every patch's keys read the first edited layer's FFN input."""
+        if key_site == "first":
+            for p in patches.values():
+                p.key_layer = self.layers[0]
 
     def ffn_device(self, layer: int) -> torch.device:
         """Where layer ``layer``'s new neurons live: its FFN's device (they train in fp32 there)."""
@@ -410,6 +422,7 @@ class UniKEEditor(TrainedEditor):
                                                     if k.startswith(f"patch.{l}.")}, meta.get("act", "relu"))
                            .to(self.ffn_device(l))
                            for l in self.layers}
+                self._key_layers(patches, meta.get("key_site", "own"))
                 banked = BankedPatches(self.adapter, patches)
                 undo.append(banked.remove)
             if meta.get("external") == "latent":

@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from mmke.editors.patch import FFNPatch
+from mmke.editors.patch import FFNPatch, key_layer_of
 from mmke.editors.tail import TailCache, TailRunner
 from mmke.models.base import Example, ModelAdapter, target_nll, target_positions
 
@@ -333,6 +333,7 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
     neurons on the edit's image (see :meth:`EditPatch.set_image_gate`); needs the memory's image
     centre and an edit with an image, and is off otherwise."""
     pos = target_positions(cache.labels)[0][0]  # [P] positions predicting the target tokens
+    src = {l: key_layer_of(p, l) for l, p in patches.items()}  # whose FFN inputs each patch's keys read
     for p in patches.values():
         p.record = True
     with torch.no_grad():
@@ -342,13 +343,13 @@ def train_patches(runner: TailRunner, cache: TailCache, patches: dict[int, EditP
             and im is not None and bool(im[0].any())):
         for l, p in patches.items():
             x = p.recorded["q"].reshape(*im.shape, -1)[0].float()  # [T, H] the edit's FFN inputs
-            p.set_image_gate(x[im[0].to(x.device)].mean(0), memory.image_center[l].to(x), *image_gate)
-    mem = {l: memory.q[l][keep_rows] if keep_rows is not None else memory.q[l] for l in patches} \
+            p.set_image_gate(x[im[0].to(x.device)].mean(0), memory.image_center[src[l]].to(x), *image_gate)
+    mem = {l: memory.q[src[l]][keep_rows] if keep_rows is not None else memory.q[src[l]] for l in patches} \
         if memory is not None else None
     if whiten is not None and memory is None:
         raise ValueError("whitened keys need the locality memory (train records)")
-    W = {l: memory.whitener(l, whiten) for l in patches} if whiten is not None else None
-    init_patches(patches, pos, mem, {l: memory.center(l) for l in patches} if memory is not None else None,
+    W = {l: memory.whitener(src[l], whiten) for l in patches} if whiten is not None else None
+    init_patches(patches, pos, mem, {l: memory.center(src[l]) for l in patches} if memory is not None else None,
                  margin, q_base, shift_weight, whiten=W, gate=gate)
     if mem_weight <= 0 or W is not None:
         mem = None
