@@ -348,7 +348,6 @@ class NeuronBank:
         for o in list(self.entries):
             self.remove(o)
 
-
     @property
     def _registry_key(self) -> int | tuple[int, int]:
         return bank_key(self.layer, self.key_layer)
