@@ -303,3 +303,20 @@ def test_default_bf16_edits_land_and_restore(default_bf16, method, tmp_path):
     s = _run(default_bf16, method, tmp_path / method, setting="sequential", k=3)
     assert s["metrics"]["reliability"] > s["pre_edit_metrics"]["reliability"] + 0.3, s["metrics"]
     assert state_digest(default_bf16.model) == digest
+
+
+def test_report_reads_an_option_added_later_as_its_default():
+    """Report rows and plot labels: a run made before an option existed is the run at the option's
+    default, one row with a run that states the default, and labelled with it beside another value."""
+    from mmke.editors.unike import UniKEPlusEditor
+    from mmke.eval.report import _labels, row_key
+
+    defaults = json.loads(json.dumps(UniKEPlusEditor.Config().model_dump()))
+    legacy = {k: v for k, v in defaults.items() if k != "key_site"}
+
+    def summary(options):
+        return {"model": "default", "method": "unike-plus", "task": "vqa", "config": {"method_config": options}}
+
+    assert row_key(summary(legacy)) == row_key(summary(defaults))
+    labels = _labels([row_key(summary(legacy)), row_key(summary({**defaults, "key_site": "first"}))])
+    assert labels == ['unike-plus (key_site="own")', 'unike-plus (key_site="first")']

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -131,11 +132,26 @@ def _data_identity(s: dict[str, Any]) -> str:
     return str(Path(data).parent / stem)
 
 
+@functools.lru_cache(maxsize=None)
+def _option_defaults(method: str) -> str:
+    """The method's option defaults (JSON), {} for a method this mmke does not know."""
+    try:
+        from mmke.registry import editor_class
+
+        return json.dumps(editor_class(method).Config().model_dump())
+    except Exception:  # noqa: BLE001 - an unknown or unbuildable method: compare the options as written
+        return "{}"
+
+
 def row_key(s: dict[str, Any]) -> dict[str, Any]:
-    """The configuration that identifies a table row (everything but the task)."""
+    """The configuration that identifies a table row (everything but the task). An option the run's
+    method gained after the run was made reads as its default (what the run ran)."""
     cfg = s.get("config") or {}
+    options = cfg.get("method_config", {})
+    if options:
+        options = {**json.loads(_option_defaults(s["method"])), **options}
     return {"model": s["model"], "method": s["method"],
-            "options": json.dumps(cfg.get("method_config", {}), sort_keys=True),
+            "options": json.dumps(options, sort_keys=True),
             "data": _data_identity(s), "setting": s.get("setting", "one-step"), "k": s.get("k", 1),
             "m_locality": cfg.get("m_locality", "top1"),
             "targets": cfg.get("targets", "as-drawn"), "limit": cfg.get("limit"), "seed": s.get("seed", 0)}
