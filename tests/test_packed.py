@@ -73,6 +73,19 @@ def _check_all_orders(adapter, editor, saved, layers, probes, hooks=None):
         assert torch.equal(_logits(adapter, probes), before)
 
 
+def _save_remove_check(adapter, editor, handles, tmp_path, probes, before, hooks=None):
+    """Save the three applied edits, remove them (the unedited model, no hook left), then
+    :func:`_check_all_orders` on the saved edits."""
+    saved = []
+    for i, h in enumerate(handles):
+        h.save(tmp_path / f"e{i}")
+        saved.append(tmp_path / f"e{i}")
+    for h in handles:
+        h.remove()
+    assert _no_hooks(adapter) and torch.equal(_logits(adapter, probes), before)
+    _check_all_orders(adapter, editor, saved, editor.layers, probes, hooks)
+
+
 def test_unike_intrinsic_edits_share_one_bank_and_unwind_in_any_order(records, tmp_path):
     adapter = tiny_llava()
     cfg = UniKEIntrinsicEditor.Config(layers=2, n_neurons=4, steps=20, memory_size=4, key_init="whitened",
@@ -91,14 +104,7 @@ def test_unike_intrinsic_edits_share_one_bank_and_unwind_in_any_order(records, t
     assert all(v == (1, 1, 0) for v in _hooks(adapter, ed.layers).values())
     assert neuron_bank(adapter, ed.layers[0]).num_neurons == 3 * cfg.n_neurons
     assert not torch.equal(_logits(adapter, probes), one)
-    saved = []
-    for i, h in enumerate(hs):
-        h.save(tmp_path / f"e{i}")
-        saved.append(tmp_path / f"e{i}")
-    for h in hs:
-        h.remove()
-    assert _no_hooks(adapter) and torch.equal(_logits(adapter, probes), before)
-    _check_all_orders(adapter, ed, saved, ed.layers, probes)
+    _save_remove_check(adapter, ed, hs, tmp_path, probes, before)
 
 
 def test_first_layer_keys_one_scope_for_every_layer(records, tmp_path):
@@ -134,14 +140,7 @@ def test_first_layer_keys_one_scope_for_every_layer(records, tmp_path):
     assert {l: v[:2] for l, v in _hooks(adapter, ed.layers).items()} == {first: (2, 1), second: (1, 2)}
     h_own.remove()
     assert torch.equal(_logits(adapter, probes), with_three)
-    saved = []
-    for i, h in enumerate(hs):
-        h.save(tmp_path / f"e{i}")
-        saved.append(tmp_path / f"e{i}")
-    for h in hs:
-        h.remove()
-    assert _no_hooks(adapter) and torch.equal(_logits(adapter, probes), before)
-    _check_all_orders(adapter, ed, saved, ed.layers, probes, hooks={first: (2, 1), second: (0, 1)})
+    _save_remove_check(adapter, ed, hs, tmp_path, probes, before, hooks={first: (2, 1), second: (0, 1)})
     with pytest.raises(ValueError, match="keyed on layer"):  # a bank takes only patches keyed on its layer
         p = EditPatch(int(adapter.site(f"lm.ffn_key.{second}").in_features), 2)
         p.key_layer = first
