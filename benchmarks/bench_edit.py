@@ -49,7 +49,7 @@ def bare_forward(adapter, examples) -> float:
                for g in adapter.sub_batches(examples)]
     t = time.perf_counter()
     for b in batches:
-        adapter._target_view(b)
+        adapter.target_view(b)  # marks the image tokens: image-gated neurons (unike-plus) run as in evaluation
     return time.perf_counter() - t
 
 

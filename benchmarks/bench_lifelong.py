@@ -38,10 +38,12 @@ WINDOWS = {1: (1, 5), 10: (8, 12), 100: (96, 105), 1000: (991, 1000)}
 
 
 def forward_time(adapter, batches) -> float:
+    """Forward passes as evaluation runs them: ``target_view`` marks each batch's image tokens, so
+    image-gated neurons (unike-plus) run; ``_target_view`` alone would leave them all shut."""
     t = time.perf_counter()
     with torch.no_grad():
         for b in batches:
-            adapter._target_view(b)
+            adapter.target_view(b)
     return time.perf_counter() - t
 
 
