@@ -32,9 +32,15 @@ files and read the pool's stored embeddings (timed here as mmke's own loading of
 and of its cached pool embeddings); ``reference_as_written_over_this`` divides by it. The plain
 reference is the headline: it charges the reference only for its model work.
 
+``--lm WIDTH LAYERS`` gives the tiny checkpoints a language model that wide and deep (head size
+and vision tower unchanged; :func:`mmke.models.tiny.widen_lm`): at 32 wide and 2 layers a forward
+pass takes milliseconds, and fixed per-case costs (the retrieval's sentence encoder, Python) are
+as large as the model work.
+
 The tiny checkpoints' context is raised to ``--max-positions`` tokens (RoPE families only: no
 weight depends on it) so that IKE's k = 32 demonstrations fit, as on real checkpoints (BLIP-2's
-OPT has learned positions: its 256 tokens stay, and IKE keeps fewer demonstrations there).
+OPT has learned positions: its 256 tokens stay, and IKE keeps fewer demonstrations there; with
+``--lm`` it is built with the real OPT's 2,048).
 """
 
 from __future__ import annotations
@@ -56,11 +62,12 @@ import torch
 DEFAULT_METHODS = ["ft-lm", "ft-vision", "ike", "t-patcher", "grace"]
 
 
-def save_checkpoint(family: str, out: Path, max_positions: int) -> Path:
-    """A tiny ``family`` checkpoint in ``out`` with room for ``max_positions`` tokens (RoPE LMs)."""
+def save_checkpoint(family: str, out: Path, max_positions: int, lm: tuple[int, int] | None = None) -> Path:
+    """A tiny ``family`` checkpoint in ``out`` with room for ``max_positions`` tokens (RoPE LMs),
+    its LM ``lm=(width, layers)`` where given."""
     from mmke.models.tiny import save_tiny
 
-    save_tiny(family, out)
+    save_tiny(family, out, lm=lm)
     f = out / "config.json"
     cfg = json.loads(f.read_text())
     text = cfg.get("text_config", cfg)
@@ -179,6 +186,9 @@ def main() -> None:
                     help="tiny hf: families (default: all), and/or `default` (the bundled model)")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--max-positions", type=int, default=4096)
+    ap.add_argument("--lm", type=int, nargs=2, metavar=("WIDTH", "LAYERS"), default=None,
+                    help="the tiny checkpoints' language model this wide and deep (default: 32 wide, 2 layers), "
+                         "e.g. --lm 512 8: where the LM's forward pass, not fixed per-case costs, dominates")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: comparable, and fair "
                                                            "to a shared machine)")
     ap.add_argument("--device", default=None, help="run the models on this device (e.g. cuda)")
@@ -191,7 +201,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
-            model = "default" if family == "default" else f"hf:{save_checkpoint(family, Path(tmp) / family, args.max_positions)}"
+            model = "default" if family == "default" else \
+                f"hf:{save_checkpoint(family, Path(tmp) / family, args.max_positions, args.lm)}"
             load = lambda: load_model(model, device=args.device, dtype=args.dtype)  # noqa: E731
             cold_import, cold = cold_load(model, args.device, args.dtype)
             adapter, _ = timed(load)

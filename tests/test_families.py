@@ -140,6 +140,21 @@ def test_forward_equals_the_models_own(ckpt, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_wider_deeper_lm_loads_and_runs_as_its_own_forward(tmp_path, family):
+    """``save_tiny(lm=(width, layers))`` (the speed benchmark's larger checkpoints): the same classes
+    with an LM of that width and depth, loaded through ``hf:`` and run as the model's own forward."""
+    a = load_model(f"hf:{save_tiny(family, tmp_path / family, lm=(64, 3))}")
+    assert type(a.model).__name__ == CLASSES[family][0]
+    assert a.num_lm_layers == 3 and a.site("lm.ffn_key.2").in_features == 64
+    for ex in (EXAMPLES[1], EXAMPLES[3]):
+        with torch.no_grad():
+            v = a.run([ex])
+        ref, ids = _own_forward(a, family, ex)
+        n = int(v.mask[0].sum())
+        assert torch.equal(v.target_ids[0, :n], ids) and torch.allclose(v.logits[0, :n], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batches_are_right_padded_and_equal_single_runs(ckpt, family):
     a = _load(ckpt, family)
     images = EXAMPLES[:3]

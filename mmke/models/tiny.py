@@ -268,25 +268,59 @@ TINY_FAMILIES: dict[str, tuple[Any, tuple[str, ...]]] = {
 }
 
 
-def tiny_family(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
+def tiny_family(family: str, seed: int = 0, lm: tuple[int, int] | None = None) -> tuple[torch.nn.Module, Any]:
     """A tiny random ``(model, processor)`` of one family: the exact transformers model class
-    (e.g. ``Qwen2VLForConditionalGeneration``) and its own processor class, built offline."""
+    (e.g. ``Qwen2VLForConditionalGeneration``) and its own processor class, built offline.
+    ``lm=(width, layers)``: the same family with a language model of that hidden size and depth
+    (:func:`widen_lm`), for timing where the LM's forward pass costs something."""
     if family not in TINY_FAMILIES:
         raise KeyError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     build, specials = TINY_FAMILIES[family]
-    return build(tiny_tokenizer(specials), seed)
+    model, processor = build(tiny_tokenizer(specials), seed)
+    if lm is not None:
+        model = widen_lm(model, *lm, seed=seed)
+    return model, processor
 
 
-def save_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+def widen_lm(model: torch.nn.Module, width: int, layers: int, seed: int = 0) -> torch.nn.Module:
+    """A fresh random model of ``model``'s class and config, but with a language model ``width``
+    wide (FFN twice that) and ``layers`` deep. The head size is kept (so are Qwen2-VL's M-RoPE
+    sections), with more heads; OPT gets the real OPT's 2,048 learned positions; the vision tower
+    is unchanged, its projection into the LM follows the new width."""
+    import copy
+
+    cfg = copy.deepcopy(model.config)
+    t = cfg.text_config
+    head = t.hidden_size // t.num_attention_heads
+    if width % head:
+        raise ValueError(f"width {width} is not a multiple of the head size {head}")
+    t.hidden_size, t.num_attention_heads, t.num_hidden_layers = width, width // head, layers
+    if t.model_type == "opt":  # learned positions: as many as the real OPT's (room for IKE's demonstrations)
+        t.ffn_dim, t.word_embed_proj_dim = 2 * width, width
+        t.max_position_embeddings = max(t.max_position_embeddings, 2048)
+    else:
+        t.intermediate_size = 2 * width
+    if getattr(t, "layer_types", None) is not None:
+        t.layer_types = [t.layer_types[0]] * layers
+    v = getattr(cfg, "vision_config", None)
+    if cfg.model_type == "qwen2_vl":  # the merger's output is the LM's width
+        v.hidden_size = width
+    elif cfg.model_type == "qwen2_5_vl":
+        v.out_hidden_size = width
+    return _build(type(model), cfg, seed)
+
+
+def save_tiny(family: str, out_dir: str | Path, seed: int = 0, lm: tuple[int, int] | None = None) -> Path:
     """Save a tiny random checkpoint of ``family`` (model + processor, ``save_pretrained``) into
     ``out_dir``, loadable with ``mmke.registry.load_model("hf:" + str(out_dir))``; returns the path.
+    ``lm=(width, layers)``: with a larger language model (:func:`widen_lm`).
 
     Families whose processor has a video part (Qwen2-VL, LLaVA-OneVision, SmolVLM) are built here
     without it (it needs torchvision); its entry is added to ``processor_config.json`` as a full
     save writes it, so that the directory loads (or fails to) as a real checkpoint does."""
     import json
 
-    model, processor = tiny_family(family, seed)
+    model, processor = tiny_family(family, seed, lm)
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
