@@ -102,7 +102,8 @@ def test_unike_intrinsic_edits_share_one_bank_and_unwind_in_any_order(records, t
     one = _logits(adapter, probes)
     hs += [ed.edit(EditRequest(ex)) for ex in exs[1:]]  # sequential: each trains on the edited model
     assert all(v == (1, 1, 0) for v in _hooks(adapter, ed.layers).values())
-    assert neuron_bank(adapter, ed.layers[0]).num_neurons == 3 * cfg.n_neurons
+    # closed-form keys: neuron j takes target position j mod P, so an edit's 4 neurons pack as P
+    assert neuron_bank(adapter, ed.layers[0]).num_neurons == sum(min(_n_targets(adapter, ex), 4) for ex in exs) < 12
     assert not torch.equal(_logits(adapter, probes), one)
     _save_remove_check(adapter, ed, hs, tmp_path, probes, before)
 
@@ -134,7 +135,7 @@ def test_first_layer_keys_one_scope_for_every_layer(records, tmp_path):
             assert torch.equal(t[f"patch.{first}.{k}"], t[f"patch.{second}.{k}"]), k
     # both banks capture the first layer's FFN input; nothing captures at the second
     assert {l: v[:2] for l, v in _hooks(adapter, ed.layers).items()} == {first: (2, 1), second: (0, 1)}
-    assert neuron_bank(adapter, second, first).num_neurons == 3 * kw["n_neurons"]
+    assert neuron_bank(adapter, second, first).num_neurons == sum(min(_n_targets(adapter, ex), 4) for ex in exs)
     with_three = _logits(adapter, probes)
     h_own = own.edit(EditRequest(exs[0]))  # an own-layer edit: the first layer's bank, and its own above
     assert {l: v[:2] for l, v in _hooks(adapter, ed.layers).items()} == {first: (2, 1), second: (1, 2)}
@@ -163,6 +164,11 @@ def test_tpatcher_edits_share_one_bank_and_unwind_in_any_order(tmp_path):
     for h in hs:
         h.remove()
     _check_all_orders(adapter, ed, saved, [ed.layer], exs)
+
+
+def _n_targets(adapter, ex) -> int:
+    """The number of target tokens of ``ex`` (the positions an edit's closed-form keys come from)."""
+    return int((adapter.prepare([ex]).labels != -100).sum())
 
 
 def _edit_patch(H, n, seed, act, gated):
@@ -208,6 +214,33 @@ def test_bank_output_is_the_sum_of_the_separate_patches():
     assert torch.allclose(bank(q, None), patches[0](q) + patches[2](q), atol=1e-4, rtol=1e-4)
     for b in banked[::-1]:
         b.remove()
+    assert _no_hooks(adapter) and not adapter._neuron_banks
+
+
+def test_neurons_sharing_a_key_pack_as_one():
+    """An edit whose neurons repeat keys and biases (UniKE's closed-form keys, one per target
+    position) packs each group as one neuron with the summed value: the same output, fewer neurons;
+    neurons that differ only in value or bias stay apart."""
+    adapter = tiny_llava()
+    layer = adapter.num_lm_layers - 1
+    H = int(adapter.site(f"lm.ffn_key.{layer}").in_features)
+    dup, other = _edit_patch(H, 6, 1, "ramp", True), _edit_patch(H, 4, 2, "relu", False)
+    with torch.no_grad():  # neurons 0, 2, 4 and 1, 3, 5 share key and bias: 2 distinct of 6
+        dup.key.copy_(dup.key[:, [0, 1, 0, 1, 0, 1]])
+        dup.bias.copy_(dup.bias[[0, 1, 0, 1, 0, 1]])
+        other.key.copy_(other.key[:, [0, 0, 2, 3]])  # same key, other bias: stays apart
+        other.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    banked = [BankedPatches(adapter, {layer: p}) for p in (dup, other)]
+    bank = neuron_bank(adapter, layer)
+    assert bank.num_neurons == 2 + 4
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 5, H, generator=g)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, :2] = True
+    assert torch.allclose(bank(q, mask), dup(q, mask) + other(q, mask), atol=1e-4, rtol=1e-4)
+    banked[1].remove()
+    assert torch.equal(bank(q, mask), dup(q, mask))  # one edit left: its own patch, exactly
+    banked[0].remove()
     assert _no_hooks(adapter) and not adapter._neuron_banks
 
 

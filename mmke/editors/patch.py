@@ -30,7 +30,8 @@ its zeta offset into per-neuron keys, biases and values,
 
     Act_n(((q - mu_e) * gamma_e) K_n + b_n) (V_n + zeta_e) = Act_n(q (gamma_e K_n) + b'_n) V'_n,
 
-so the sum over edits is one matmul for the ungated neurons. Neurons gated on their edit's image
+so the sum over edits is one matmul for the ungated neurons. An edit's neurons that share key and
+bias (UniKE's closed-form keys: one per target position) are packed as one, their values summed. Neurons gated on their edit's image
 (unike-plus, :class:`~mmke.editors.unike.intrinsic.EditPatch`) are computed row by row, each row
 over only the edits whose image gate is open for it (cheap: per-edit cosines of the row's image
 signature): most edits are silent on most inputs, and their neurons cost nothing there.
@@ -167,6 +168,7 @@ class NeuronBank:
 
     @property
     def num_neurons(self) -> int:
+        """Neurons in the packed block (an edit's neurons with one key and bias count once)."""
         return self._n
 
     def add(self, owner: Hashable, patch: FFNPatch) -> slice:
@@ -235,12 +237,13 @@ class NeuronBank:
     @torch.no_grad()
     def _pack(self, owner: Hashable, patch: FFNPatch) -> slice:
         d = patch.packed()
-        n = int(d["bias"].shape[0])
+        key_t, bias, value = _merge_duplicates(d["key"].t().float(), d["bias"].float(), d["value"].float())
+        n = int(bias.shape[0])
         gate = d["gate"]
         grp = self._gated if gate is not None else self._ungated
-        grp.key_t.append(d["key"].t().float())
-        grp.bias.append(d["bias"].float())
-        grp.value.append(d["value"].float())
+        grp.key_t.append(key_t)
+        grp.bias.append(bias)
+        grp.value.append(value)
         grp.act.append(torch.full((n,), self._act_code(d["act"]), dtype=torch.long, device=d["bias"].device))
         grp.edit.append(torch.full((n,), grp.n_edits, dtype=torch.long, device=d["bias"].device))
         if gate is not None:
@@ -351,6 +354,21 @@ class NeuronBank:
     @property
     def _registry_key(self) -> int | tuple[int, int]:
         return bank_key(self.layer, self.key_layer)
+
+
+def _merge_duplicates(key_t: torch.Tensor, bias: torch.Tensor, value: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One edit's neurons (keys [n, H], biases [n], values [n, H]) with every group of neurons that
+    share key and bias merged into one whose value is the group's sum: they fire alike, so
+    sum_j Act(q k + b) v_j = Act(q k + b) sum_j v_j. UniKE's closed-form (whitened) keys give each of
+    an edit's n neurons the key of one of its P target positions (P is usually 1-3), so its n
+    neurons pack as P; trained keys (T-Patcher, the paper's UniKE) are all distinct and stay."""
+    rows = torch.cat([key_t, bias[:, None]], 1)
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(uniq) == len(rows):
+        return key_t, bias, value
+    merged = torch.zeros(len(uniq), value.shape[1], dtype=value.dtype, device=value.device)
+    return uniq[:, :-1].contiguous(), uniq[:, -1].contiguous(), merged.index_add_(0, inverse, value)
 
 
 def key_layer_of(patch: FFNPatch, layer: int) -> int:
