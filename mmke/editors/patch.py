@@ -31,10 +31,11 @@ its zeta offset into per-neuron keys, biases and values,
     Act_n(((q - mu_e) * gamma_e) K_n + b_n) (V_n + zeta_e) = Act_n(q (gamma_e K_n) + b'_n) V'_n,
 
 so the sum over edits is one matmul for the ungated neurons. An edit's neurons that share key and
-bias (UniKE's closed-form keys: one per target position) are packed as one, their values summed. Neurons gated on their edit's image
-(unike-plus, :class:`~mmke.editors.unike.intrinsic.EditPatch`) are computed row by row, each row
-over only the edits whose image gate is open for it (cheap: per-edit cosines of the row's image
-signature): most edits are silent on most inputs, and their neurons cost nothing there.
+bias (UniKE's closed-form keys: one per target position) are packed as one, their values summed.
+Neurons gated on their edit's image (unike-plus, :class:`~mmke.editors.unike.intrinsic.EditPatch`)
+are computed row by row, each row over only the edits whose image gate is open for it (cheap:
+per-edit cosines of the row's image signature): most edits are silent on most inputs, and their
+neurons cost nothing there.
 """
 
 from __future__ import annotations
