@@ -2,7 +2,7 @@
 without making the edits, and what a question-side gate would change.
 
     .venv/bin/python scripts/unike_firing_sim.py --edits 1000              # ~15 min, one thread
-    .venv/bin/python scripts/unike_firing_sim.py --edits 1000 --question-gate 0.45,0.65
+    .venv/bin/python scripts/unike_firing_sim.py --edits 1000 --question-gate 0.45,0.65 --image-gate 0.5,0.7
 
 With ``key_site=first`` every edited layer's neurons read the first edited layer's FFN input, which
 no edit changes (edits add at that layer's FFN output and above). Whether edit e's neurons fire on
@@ -19,7 +19,8 @@ by the records' links, and whether the target differs); each edit's own firing o
 inputs (mean strength, 1 on its own input); the share of the first N M-Locality probes (every 5th)
 on which some edit fires. ``--question-gate LO,HI`` (repeatable) adds a gate on the cosine of the
 question signatures (the mean FFN input over the prompt's text tokens, centred on the mean over the
-train records the locality memory reads), multiplied in. Nothing is written.
+train records the locality memory reads), multiplied in; ``--image-gate LO,HI`` (repeatable) looks
+at another image gate instead of the editor's (each alone: no question gate). Nothing is written.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=1000)
     ap.add_argument("--every", type=int, default=3, help="look at every this many new edits")
     ap.add_argument("--question-gate", action="append", default=[], metavar="LO,HI")
+    ap.add_argument("--image-gate", action="append", default=[], metavar="LO,HI")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,13 +103,13 @@ def main() -> None:
     img_e = torch.stack([unit(x[1], ic) for x in X["reliability"]])
     qsig_e = torch.stack([unit(x[2], qc) for x in X["reliability"]])
 
-    def fire(edits: list[int], x, qgate) -> torch.Tensor:
+    def fire(edits: list[int], x, qgate, igate) -> torch.Tensor:
         """Firing strength in [0, 1] of each edit of ``edits`` on input ``x`` (its strongest neuron)."""
         q, img, qs = x
         out = torch.zeros(len(edits))
         if img is None:
             return out
-        g = ramp(img_e[edits] @ unit(img, ic), *cfg.image_gate)
+        g = ramp(img_e[edits] @ unit(img, ic), *igate)
         if qgate is not None:
             g = g * ramp(qsig_e[edits] @ unit(qs, qc), *qgate)
         for j, e in enumerate(edits):
@@ -118,12 +120,18 @@ def main() -> None:
     scope = EditScope(records)
     ek = [scope.edit_key(rec) for rec in records]
     qtext, target = [norm_text(rec.src) for rec in records], [norm_text(rec.alt) for rec in records]
-    gates = [None] + [tuple(float(v) for v in g.split(",")) for g in args.question_gate]
-    for qgate in gates:
+    def pair(text: str) -> tuple[float, float]:
+        lo, hi = (float(v) for v in text.split(","))
+        return lo, hi
+
+    own_image = tuple(cfg.image_gate)
+    configs = [(None, own_image)] + [(pair(g), own_image) for g in args.question_gate] \
+        + [(None, pair(g)) for g in args.image_gate]
+    for qgate, igate in configs:
         per_window: dict[int, list[int]] = {}
         by_scope: dict[str, int] = {}
         for i in range(100, n, args.every):
-            f = fire(list(range(i)), X["reliability"][i], qgate)
+            f = fire(list(range(i)), X["reliability"][i], qgate, igate)
             on = (f > 0).nonzero()[:, 0].tolist()
             per_window.setdefault(i // 250 * 250, []).append(sum(qtext[j] != qtext[i] for j in on))
             for j in on:
@@ -131,10 +139,10 @@ def main() -> None:
                      + ("same" if ek[j][1] == ek[i][1] else "other") + " question class, "
                      + ("same" if target[j] == target[i] else "other") + " target")
                 by_scope[k] = by_scope.get(k, 0) + 1
-        own = {k: statistics.mean(float(fire([i], X[k][i], qgate)[0]) for i in range(n))
+        own = {k: statistics.mean(float(fire([i], X[k][i], qgate, igate)[0]) for i in range(n))
                for k in ("reliability", "t_generality", "m_generality")}
-        touched = [int((fire(list(range(n)), X["m_locality"][i], qgate) > 0).sum()) for i in range(0, n, 5)]
-        print(f"\nquestion gate {qgate or 'none'} (key gate {cfg.gate_lo}-{cfg.gate_hi}, image gate {cfg.image_gate})")
+        touched = [int((fire(list(range(n)), X["m_locality"][i], qgate, igate) > 0).sum()) for i in range(0, n, 5)]
+        print(f"\nquestion gate {qgate or 'none'}, image gate {igate} (key gate {cfg.gate_lo}-{cfg.gate_hi})")
         print("  earlier edits of another question firing on a new edit, median per window: "
               + ", ".join(f"edits {max(w, 100) + 1}-{min(w + 250, n)}: {statistics.median(v):g}" for w, v in sorted(per_window.items())))
         print("  own firing (mean strength): " + ", ".join(f"{k} {v:.3f}" for k, v in own.items()))
