@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_lifelong.py --method unike-plus --edits 1000
 
 Reports the median edit time in windows around edit 1, 10, 100 and 1,000 (and its ratio to the
-window at edit 1), and the median time per optimisation step (UniKE and T-Patcher stop early, and
+window at edit 1), and the median time per optimisation step (UniKE, T-Patcher and GRACE stop early;
 later edits need more steps where earlier edits' neurons fire on them: ``scripts/unike_interference.py``
 shows which; the time per step is the cost of the mechanism, the edit time that of the edit as users
 run it; NLL0 is the target's NLL when the edit's training starts, with every earlier edit in place),
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mmke.editors.base import EditRequest
+from mmke.editors.grace import label_tap
 from mmke.eval.runner import Run, RunConfig
 from mmke.eval.scope import one_target_per_pair
 from mmke.io import atomic_write_json
@@ -35,21 +36,27 @@ from mmke.scoring import INPUT_KINDS, case_inputs
 from mmke.tasks import TASKS
 
 WINDOWS = {1: (1, 5), 10: (8, 12), 100: (96, 105), 1000: (991, 1000)}
+METHODS = ["unike-plus", "unike", "t-patcher", "grace", "grace-mm", "wise"]
 
 
 def forward_time(adapter, batches) -> float:
     """Forward passes as evaluation runs them: ``target_view`` marks each batch's image tokens, so
-    image-gated neurons (unike-plus) run; ``_target_view`` alone would leave them all shut."""
+    image-gated neurons (unike-plus) run; ``_target_view`` alone would leave them all shut. The
+    batches are prepared once, so the label tap is told each one's labels (evaluation prepares
+    each batch right before its forward); without them GRACE's and WISE's hooks pass it through."""
+    tap = label_tap(adapter)
     t = time.perf_counter()
     with torch.no_grad():
         for b in batches:
-            adapter.target_view(b)
+            with tap.forced(b.labels):
+                adapter.target_view(b)
     return time.perf_counter() - t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="unike-plus", choices=["unike-plus", "unike", "t-patcher"])
+    ap.add_argument("--method", default="unike-plus", choices=METHODS,
+                    help="editors that change the model's forward (the in-context ones change the input instead)")
     ap.add_argument("--task", default="vqa", choices=list(TASKS))
     ap.add_argument("--edits", type=int, default=1000)
     ap.add_argument("--probes", type=int, default=16, help="inputs of the fixed inference batch")

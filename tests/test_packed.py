@@ -292,3 +292,106 @@ def test_latent_bank_one_hook_and_the_single_edit_shift_exactly():
                 assert [r.numpy().tobytes() for r in live._pool] == want
                 assert live._rows == {b: j for j, b in enumerate(want)}
         assert _no_hooks(adapter) and torch.equal(_logits(adapter, [ex]), before)
+
+
+def _strength(p, q, mask):
+    """[B, T]: how strongly patch p fires at each position (its strongest neuron times its gate)."""
+    s = p.act(p.pre(q)).amax(-1)
+    return s * p.image_gate(q, mask)[:, None] if bool(p.gated) else s
+
+
+def test_competing_edits_strongest_alone_ties_to_the_latest_and_a_contender_wins_ties():
+    """compete=True: at each position only the edit firing most strongly adds its neurons (ties:
+    the latest); a contender (a patch training beside the bank) silences the bank's edits wherever
+    it fires at least as strongly; competing and plain edits do not share a bank."""
+    adapter = tiny_llava()
+    layer = adapter.num_lm_layers - 1
+    H = int(adapter.site(f"lm.ffn_key.{layer}").in_features)
+    patches = [_edit_patch(H, 3, s, "ramp", True) for s in (1, 2, 3)]
+    twin = _edit_patch(H, 3, 4, "ramp", True)  # patch 0's keys, biases, centring and gate; other values
+    with torch.no_grad():
+        for k in ("key", "bias", "center", "scale", "img_key", "img_center", "img_ramp"):
+            getattr(twin, k).copy_(getattr(patches[0], k))
+    patches.append(twin)
+    for p in patches:
+        p.compete = True
+    banked = [BankedPatches(adapter, {layer: p}) for p in patches]
+    bank = neuron_bank(adapter, layer)
+    assert bank.compete
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 6, H, generator=g) * 3
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, :2] = mask[1, 1:3] = mask[2, 4:] = True
+
+    def expected(contender=None):
+        s = torch.stack([_strength(p, q, mask) for p in patches])  # [E, B, T]
+        best = s.max(0).values
+        win = len(patches) - 1 - s.flip(0).argmax(0)  # the latest of the strongest
+        keep = [(win == e) & (best > 0) for e in range(len(patches))]
+        if contender is not None:
+            keep = [k & (best > _strength(contender, q, mask)) for k in keep]
+        return sum(k[..., None] * p(q, mask) for k, p in zip(keep, patches))
+
+    want = expected()
+    assert not torch.allclose(want, sum(p(q, mask) for p in patches), atol=1e-3)  # competition changed it
+    assert torch.allclose(bank(q, mask), want, atol=1e-4, rtol=1e-4)
+    # where patch 0 and its twin fire strongest, the twin (the later) wins
+    s0 = _strength(patches[0], q, mask)
+    assert bool((s0 > 0).any())
+    contender = _edit_patch(H, 3, 6, "ramp", True)
+    contender.compete = True
+    bank.contender = contender
+    got = bank(q, mask)
+    bank.contender = None
+    assert torch.allclose(got, expected(contender), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, want, atol=1e-3)
+    plain = _edit_patch(H, 3, 7, "ramp", True)
+    with pytest.raises(ValueError, match="compete"):
+        BankedPatches(adapter, {layer: plain})
+    for b in banked[1:]:
+        b.remove()
+    # one edit left: its own patch, unless a contender trains beside it
+    assert torch.equal(bank(q, mask), patches[0](q, mask))
+    bank.contender = contender
+    s0, sc = _strength(patches[0], q, mask), _strength(contender, q, mask)
+    assert torch.allclose(bank(q, mask), ((s0 > sc) & (s0 > 0))[..., None] * patches[0](q, mask), atol=1e-4, rtol=1e-4)
+    bank.contender = None
+    banked[0].remove()
+    assert _no_hooks(adapter) and not adapter._neuron_banks
+
+
+def test_competing_unike_edits_the_latest_wins_its_own_input_and_trains_as_if_alone(records, tmp_path):
+    """unike with compete=True: a second edit of the same input (another target) starts from
+    nearly the NLL the unedited model gives (the first edit yields to it wherever it fires as
+    strongly: at the prompt's positions; the answer positions differ with the target), far nearer
+    than without competition; it answers its own target once installed, and every removal order
+    restores exactly."""
+    adapter = tiny_llava()
+    kw = dict(layers=2, n_neurons=4, steps=20, memory_size=4, key_init="whitened", image_gate=(0.3, 0.5),
+              key_site="first")
+    ed = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(compete=True, **kw), task=TASKS["vqa"],
+                              train_records=records)
+    img = _img(COLOURS["red"])
+    exs = [Example("what color is the shape?", " green", img), Example("what color is the shape?", " blue", img),
+           Example("is there a circle?", " yes", _img(COLOURS["green"]))]
+    probes = exs + [Example("nq question: what is the capital of france?", " paris", None)]
+    before = _logits(adapter, probes)
+    alone = ed.edit(EditRequest(exs[1]))
+    nll_alone = alone.meta["start_nll"]
+    alone.remove()
+    plain = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(**kw), task=TASKS["vqa"], train_records=records)
+    hs = [plain.edit(EditRequest(ex)) for ex in exs[:2]]
+    nll_plain = hs[1].meta["start_nll"]
+    for h in hs[::-1]:
+        h.remove()
+    assert torch.equal(_logits(adapter, probes), before)
+    hs = [ed.edit(EditRequest(exs[0]))]
+    hs.append(ed.edit(EditRequest(exs[1])))
+    assert hs[1].meta["compete"] is True
+    assert abs(hs[1].meta["start_nll"] - nll_alone) < abs(nll_plain - nll_alone) / 4
+    v = adapter.run(exs[1:2])
+    assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())  # the latest wins
+    hs.append(ed.edit(EditRequest(exs[2])))
+    assert all(b.contender is None for b in adapter._neuron_banks.values())
+    _save_remove_check(adapter, ed, hs, tmp_path, probes, before,
+                       hooks={ed.layers[0]: (2, 1), ed.layers[1]: (0, 1)})

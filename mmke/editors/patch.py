@@ -36,6 +36,14 @@ Neurons gated on their edit's image (unike-plus, :class:`~mmke.editors.unike.int
 are computed row by row, each row over only the edits whose image gate is open for it (cheap:
 per-edit cosines of the row's image signature): most edits are silent on most inputs, and their
 neurons cost nothing there.
+
+**Competing edits** (a patch with ``compete = True``; UniKE's ``compete`` option): among the gated
+edits open on a row, at each position only the edit that fires most strongly there adds its
+neurons (its strength: its strongest neuron's activation times its image gate; ties go to the
+latest edit), as GRACE's nearest key answers alone. An edit then acts on its own input as if it
+were alone, wherever no other edit fires there as strongly. While a new patch trains beside the
+bank (:class:`PatchHooks`), :attr:`NeuronBank.contender` holds it: the bank's edits then also yield
+to it wherever it fires at least as strongly, as they will once it is installed (it is the latest).
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ class FFNPatch(nn.Module):
         self.act = act
         #: the LM layer whose FFN input the keys read (None: the patch's own layer)
         self.key_layer: int | None = None
+        #: in a bank, only the strongest firing edit acts at each position (see the module docstring)
+        self.compete = False
 
     def forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q: [B, T, H] (or [B*T, H]) -> the patch's addition to the FFN output, same shape.
@@ -156,6 +166,8 @@ class NeuronBank:
         #: [B, E_gated] the image gates of the last packed forward (column per gated edit)
         self.last_gates: torch.Tensor | None = None
         self._gate_col: dict[Hashable, int] = {}
+        #: a patch training beside the bank (competing edits yield to it where it fires as strongly)
+        self.contender: FFNPatch | None = None
 
     # ---- membership ----------------------------------------------------------------------
     def _reset_packed(self) -> None:
@@ -166,6 +178,11 @@ class NeuronBank:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def compete(self) -> bool:
+        """Whether the bank's edits compete (all of them do, or none)."""
+        return bool(self.entries) and bool(getattr(next(iter(self.entries.values())), "compete", False))
 
     @property
     def num_neurons(self) -> int:
@@ -179,6 +196,9 @@ class NeuronBank:
         if key_layer_of(patch, self.layer) != self.key_layer:
             raise ValueError(f"a patch keyed on layer {key_layer_of(patch, self.layer)}'s FFN input cannot join the "
                              f"bank of layer {self.layer} keyed on layer {self.key_layer}'s (use neuron_bank)")
+        if self.entries and bool(getattr(patch, "compete", False)) != self.compete:
+            raise ValueError(f"the bank of layer {self.layer} holds edits with compete={self.compete}; an edit with "
+                             f"compete={not self.compete} cannot join it (remove them first)")
         patch.requires_grad_(False)
         self.entries[owner] = patch
         sl = self._pack(owner, patch)
@@ -273,8 +293,8 @@ class NeuronBank:
 
     def __call__(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """All the bank's neurons' addition to the FFN output for FFN inputs q [B, T, H] (or [B*T, H])."""
-        if len(self.entries) == 1:  # one edit: its own patch, exactly as its own hooks ran it
-            return next(iter(self.entries.values()))(q, image_mask)
+        if len(self.entries) == 1 and not (self.contender is not None and self.compete):
+            return next(iter(self.entries.values()))(q, image_mask)  # exactly as its own hooks ran it
         return self.packed_forward(q, image_mask)
 
     def gate_of(self, owner: Hashable) -> torch.Tensor | None:
@@ -301,23 +321,24 @@ class NeuronBank:
 
     def _image_gates(self, q: torch.Tensor, image_mask: torch.Tensor | None, B: int) -> torch.Tensor:
         g = self._gated
-        E = g.n_edits
         if image_mask is None:
-            return q.new_zeros((B, E), dtype=torch.float32)
-        x = q.reshape(*image_mask.shape, -1).float()
-        m = image_mask.to(x.device, x.dtype)[..., None]
-        n = m.sum(1)  # [B, 1]
-        sig = (x * m).sum(1) / n.clamp(min=1)  # [B, H]
-        keys, centers = g.img_key.get(), g.img_center.get()
-        if g.same_center:
-            d = sig - centers[0]
-            cos = (d @ keys.t()) / (d.norm(dim=-1, keepdim=True) * keys.norm(dim=-1)[None]).clamp(min=1e-8)
-        else:  # |sig - c|^2 = |sig|^2 - 2 sig.c + |c|^2
-            num = sig @ keys.t() - (centers * keys).sum(-1)[None]
-            d2 = (sig.pow(2).sum(-1, keepdim=True) - 2 * sig @ centers.t() + centers.pow(2).sum(-1)[None]).clamp(min=0)
-            cos = num / (d2.sqrt() * keys.norm(dim=-1)[None]).clamp(min=1e-8)
-        lo, hi = g.lo.get(), g.hi.get()
-        return ((cos - lo) / (hi - lo)).clamp(0, 1) * (n > 0)
+            return q.new_zeros((B, g.n_edits), dtype=torch.float32)
+        return _ramp_gates(q, image_mask, g.img_key.get(), g.img_center.get(), g.lo.get(), g.hi.get(), g.same_center)
+
+    def _contender_strength(self, q: torch.Tensor, image_mask: torch.Tensor | None, B: int) -> torch.Tensor:
+        """[B, T]: how strongly :attr:`contender` fires at each position (its strongest neuron's
+        activation times its image gate), as the bank would count it once installed."""
+        d = self.contender.packed()
+        x = q.reshape(B, -1, q.shape[-1]).float()
+        s = d["act"](x @ d["key"].float().to(x.device) + d["bias"].float().to(x.device)).amax(-1)
+        if d["gate"] is not None:
+            key, center, (lo, hi) = d["gate"]
+            if image_mask is None:
+                return torch.zeros_like(s)
+            t = lambda v: torch.tensor([float(v)], device=x.device)  # noqa: E731
+            s = s * _ramp_gates(q, image_mask, key.float()[None].to(x.device), center.float()[None].to(x.device),
+                                t(lo), t(hi), True)
+        return s
 
     def packed_forward(self, q: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.zeros_like(q)
@@ -336,6 +357,8 @@ class NeuronBank:
         if not bool(open_.any()):
             return out
         x = q.reshape(B, -1, q.shape[-1])
+        compete = self.compete
+        floor = self._contender_strength(q, image_mask, B) if compete and self.contender is not None else None
         K, b, V, acts, edit = g.key_t.get(), g.bias.get(), g.value.get(), g.act.get(), g.edit.get()
         rows = []
         for r in range(B):
@@ -345,6 +368,8 @@ class NeuronBank:
                 continue
             z = x[r] @ K[cols].t().to(q.dtype) + b[cols].to(q.dtype)  # [T, n_open]
             a = self._act(z, acts[cols]) * G[r, edit[cols]].to(q.dtype)
+            if compete:
+                a = _strongest_only(a, edit[cols], None if floor is None else floor[r])
             rows.append(a @ V[cols].to(q.dtype))
         return out + torch.stack(rows).reshape(q.shape)
 
@@ -355,6 +380,40 @@ class NeuronBank:
     @property
     def _registry_key(self) -> int | tuple[int, int]:
         return bank_key(self.layer, self.key_layer)
+
+
+def _ramp_gates(q: torch.Tensor, image_mask: torch.Tensor, keys: torch.Tensor, centers: torch.Tensor,
+                lo: torch.Tensor, hi: torch.Tensor, same_center: bool) -> torch.Tensor:
+    """[B, E] image gates: the cosine of each row's image signature (mean FFN input over its image
+    tokens) to each edit's unit key, both centred on the edit's centre, ramped from lo to hi."""
+    x = q.reshape(*image_mask.shape, -1).float()
+    m = image_mask.to(x.device, x.dtype)[..., None]
+    n = m.sum(1)  # [B, 1]
+    sig = (x * m).sum(1) / n.clamp(min=1)  # [B, H]
+    if same_center:
+        d = sig - centers[0]
+        cos = (d @ keys.t()) / (d.norm(dim=-1, keepdim=True) * keys.norm(dim=-1)[None]).clamp(min=1e-8)
+    else:  # |sig - c|^2 = |sig|^2 - 2 sig.c + |c|^2
+        num = sig @ keys.t() - (centers * keys).sum(-1)[None]
+        d2 = (sig.pow(2).sum(-1, keepdim=True) - 2 * sig @ centers.t() + centers.pow(2).sum(-1)[None]).clamp(min=0)
+        cos = num / (d2.sqrt() * keys.norm(dim=-1)[None]).clamp(min=1e-8)
+    return ((cos - lo) / (hi - lo)).clamp(0, 1) * (n > 0)
+
+
+def _strongest_only(a: torch.Tensor, edit: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+    """Competing edits: ``a`` [T, n] the (gated) activations of one row's open neurons, ``edit`` [n]
+    their edits (packed order: older first). At each position only the neurons of the edit whose
+    strongest neuron fires most there are kept (ties: the latest edit), and none where that is not
+    above ``floor`` [T] (a contender's strength: it is later than every edit of the bank)."""
+    uniq, local = torch.unique(edit, return_inverse=True)  # ascending: older first
+    T, E = a.shape[0], len(uniq)
+    s = a.new_zeros(T, E).scatter_reduce(1, local.expand(T, -1), a, "amax", include_self=True)
+    win = E - 1 - s.flip(1).argmax(1)  # [T]: the strongest, the latest among equals
+    keep = local[None, :] == win[:, None]
+    if floor is not None:
+        best = s.gather(1, win[:, None])[:, 0]
+        keep = keep & (best > floor.to(best.dtype))[:, None]
+    return a * keep
 
 
 def _merge_duplicates(key_t: torch.Tensor, bias: torch.Tensor, value: torch.Tensor
@@ -392,6 +451,19 @@ def neuron_bank(adapter: ModelAdapter, layer: int, key_layer: int | None = None)
     if k not in banks:
         banks[k] = NeuronBank(adapter, layer, key_layer)
     return banks[k]
+
+
+def contend(adapter: ModelAdapter, patches: dict[int, FFNPatch]) -> Callable[[], None]:
+    """Make each competing patch of ``patches`` (training beside the banks) the contender of its
+    layer's bank, and no other patch any bank's; returns the function that clears them."""
+    banks = getattr(adapter, "_neuron_banks", {})
+    for b in banks.values():
+        b.contender = None
+    for layer, p in patches.items():
+        b = banks.get(bank_key(layer, key_layer_of(p, layer)))
+        if b is not None and p.compete:
+            b.contender = p
+    return lambda: contend(adapter, {})
 
 
 class BankedPatches:

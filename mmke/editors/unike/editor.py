@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from mmke.editors.base import EditHandle, EditRequest, read_saved_edit
-from mmke.editors.patch import BankedPatches, PatchHooks
+from mmke.editors.patch import BankedPatches, PatchHooks, contend
 from mmke.editors.trained import TrainedEditor, TrainedEditorConfig, bundled_weights_dir
 from mmke.editors.unike.encoders import UniKEEncoders
 from mmke.editors.unike.intrinsic import (EditPatch, LocalityMemory, ffn_inputs_at_targets, record_ffn_inputs,
@@ -97,6 +97,9 @@ class UniKEConfig(TrainedEditorConfig):
     # layer's (the paper), or the first edited layer's at every edited layer, so that an edit's
     # neurons fire on the same inputs in all its layers, decided before any other edit has changed
     # the states (earlier edits' neurons cannot then key later ones into firing: lifelong)
+    compete: bool = False  # installed edits' image-gated neurons compete: at each position only the
+    # edit firing most strongly there adds (ties: the latest), as GRACE's nearest key answers alone;
+    # a new edit trains with the earlier ones yielding to it where it fires as strongly (lifelong)
     shift_key_weight: float = 1.0  # with latent IKE: weight of the shift's direction in the initial keys
     mem_weight: float = 1.0
     mem_margin: float = 0.0
@@ -301,9 +304,12 @@ class UniKEEditor(TrainedEditor):
                 # the patches train beside the banks of the earlier edits (hooks of their own)
                 patches = {l: EditPatch(self.ffn_width(l), cfg.n_neurons, seed=cfg.seed + l, act=act)
                            .to(self.ffn_device(l)) for l in self.layers}
-                self._key_layers(patches, cfg.key_site)
+                self._key_layers(patches, cfg.key_site, cfg.compete)
                 meta["key_site"] = cfg.key_site
+                if cfg.compete:
+                    meta["compete"] = True
                 train_hooks = PatchHooks(self.adapter, patches)
+                undo.append(contend(self.adapter, patches))
                 undo.append(train_hooks.remove)
                 if cfg.external == "latent" and whiten is None:  # trained keys start from the shift
                     q_base = record_ffn_inputs(self.runner, cache, patches)  # before the shift
@@ -332,6 +338,7 @@ class UniKEEditor(TrainedEditor):
                             image_gate=bool(next(iter(patches.values())).gated) if patches else False)
                 # trained: the frozen neurons move into the layers' packed banks
                 train_hooks.remove()
+                contend(self.adapter, {})
                 banked = BankedPatches(self.adapter, patches)
                 undo.append(banked.remove)
                 if latent is not None and self._gates(patches) is not None:
@@ -346,10 +353,12 @@ class UniKEEditor(TrainedEditor):
     def ffn_width(self, layer: int) -> int:
         return int(self.adapter.site(f"lm.ffn_key.{layer}").in_features)
 
-    def _key_layers(self, patches: dict[int, EditPatch], key_site: str) -> None:
-        """``key_site="first"``: every patch's keys read the first edited layer's FFN input."""
-        if key_site == "first":
-            for p in patches.values():
+    def _key_layers(self, patches: dict[int, EditPatch], key_site: str, compete: bool = False) -> None:
+        """``key_site="first"``: every patch's keys read the first edited layer's FFN input;
+        ``compete``: the patches compete in their banks (:mod:`mmke.editors.patch`)."""
+        for p in patches.values():
+            p.compete = compete
+            if key_site == "first":
                 p.key_layer = self.layers[0]
 
     def ffn_device(self, layer: int) -> torch.device:
@@ -422,7 +431,7 @@ class UniKEEditor(TrainedEditor):
                                                     if k.startswith(f"patch.{l}.")}, meta.get("act", "relu"))
                            .to(self.ffn_device(l))
                            for l in self.layers}
-                self._key_layers(patches, meta.get("key_site", "own"))
+                self._key_layers(patches, meta.get("key_site", "own"), bool(meta.get("compete", False)))
                 banked = BankedPatches(self.adapter, patches)
                 undo.append(banked.remove)
             if meta.get("external") == "latent":
