@@ -360,13 +360,14 @@ def test_competing_edits_strongest_alone_ties_to_the_latest_and_a_contender_wins
     assert _no_hooks(adapter) and not adapter._neuron_banks
 
 
-def test_competing_unike_edits_the_latest_wins_its_own_input_and_trains_as_if_alone(records, tmp_path):
+@pytest.mark.parametrize("family", [tiny_llava, tiny_blip2])  # BLIP-2's OPT hands its FFN [B*T, H]
+def test_competing_unike_edits_the_latest_wins_its_own_input_and_trains_as_if_alone(records, tmp_path, family):
     """unike with compete=True: a second edit of the same input (another target) starts from
     nearly the NLL the unedited model gives (the first edit yields to it wherever it fires as
     strongly: at the prompt's positions; the answer positions differ with the target), far nearer
     than without competition; it answers its own target once installed, and every removal order
     restores exactly."""
-    adapter = tiny_llava()
+    adapter = family()
     kw = dict(layers=2, n_neurons=4, steps=20, memory_size=4, key_init="whitened", image_gate=(0.3, 0.5),
               key_site="first")
     ed = UniKEIntrinsicEditor(adapter, UniKEIntrinsicEditor.Config(compete=True, **kw), task=TASKS["vqa"],

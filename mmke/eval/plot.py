@@ -48,6 +48,8 @@ def plot_lifelong(summaries: list[dict[str, Any]], out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
     labels = _run_labels(summaries)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(summaries) > len(colours):  # one colour per run: the default cycle has 10
+        colours = [plt.get_cmap("tab20")(k) for k in range(20)]
     for i, (s, label) in enumerate(zip(summaries, labels)):
         c = colours[i % len(colours)]
         xs = [p["n_edits"] for p in s["curve"]]
