@@ -394,5 +394,7 @@ def test_competing_unike_edits_the_latest_wins_its_own_input_and_trains_as_if_al
     assert bool((v.logits.argmax(-1) == v.target_ids)[v.mask].all())  # the latest wins
     hs.append(ed.edit(EditRequest(exs[2])))
     assert all(b.contender is None for b in adapter._neuron_banks.values())
+    with pytest.raises(ValueError, match="compete ranks the edits' image-gated neurons"):
+        UniKEIntrinsicEditor.Config(compete=True)  # no image gate: nothing would compete
     _save_remove_check(adapter, ed, hs, tmp_path, probes, before,
                        hooks={ed.layers[0]: (2, 1), ed.layers[1]: (0, 1)})

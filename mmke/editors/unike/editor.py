@@ -144,6 +144,9 @@ class UniKEConfig(TrainedEditorConfig):
             if self.external == "latent" and self.site != "layer":
                 raise ValueError("image_gate gates the latent shift with the layer's new neurons, which run "
                                  "before the layer output but after its attention: it needs site='layer'")
+        if self.compete and (self.image_gate is None or not self.intrinsic):
+            raise ValueError("compete ranks the edits' image-gated neurons: it needs intrinsic editing and an "
+                             "image_gate (unike-plus has one; for unike set e.g. image_gate=[0.3,0.5])")
         return self
 
     @field_validator("s")
