@@ -335,9 +335,11 @@ def test_competing_edits_strongest_alone_ties_to_the_latest_and_a_contender_wins
     want = expected()
     assert not torch.allclose(want, sum(p(q, mask) for p in patches), atol=1e-3)  # competition changed it
     assert torch.allclose(bank(q, mask), want, atol=1e-4, rtol=1e-4)
-    # where patch 0 and its twin fire strongest, the twin (the later) wins
+    # where patch 0 and its twin fire strongest, the twin (the later) alone adds
     s0 = _strength(patches[0], q, mask)
-    assert bool((s0 > 0).any())
+    tied = (s0 > 0) & (s0 >= torch.stack([_strength(p, q, mask) for p in patches]).max(0).values)
+    assert bool(tied.any())
+    assert torch.allclose(bank(q, mask)[tied], twin(q, mask)[tied], atol=1e-4, rtol=1e-4)
     contender = _edit_patch(H, 3, 6, "ramp", True)
     contender.compete = True
     bank.contender = contender
