@@ -11,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors",
-           "atomic_torch_save", "file_digest"]
+           "atomic_torch_save", "atomic_publish_dir", "file_digest"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> Path:
@@ -38,6 +39,26 @@ def atomic_write_bytes(path: str | Path, data: bytes | Iterable[bytes], mode: in
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_publish_dir(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Make folder ``out`` whole or not at all: ``write`` fills a private temporary folder beside it,
+    which is then renamed to ``out``. Processes racing to make the same folder each write their own;
+    the first rename wins and the others' copies are removed (the contents must not depend on who
+    writes them, e.g. a cache)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not out.is_dir():  # not another process's finished folder: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -151,6 +151,34 @@ def test_kill_during_write_leaves_the_old_file(tmp_path):
     assert json.loads(f.read_text()) == {"new": 1}
 
 
+def test_racing_folder_writers_leave_one_whole_folder_and_no_temp(tmp_path):
+    from mmke.io import atomic_publish_dir
+
+    out = tmp_path / "cache" / "model"
+
+    def slow(tmp):  # started first, finishes second: another process published meanwhile
+        (tmp / "weights").write_text("slow")
+        atomic_publish_dir(out, fast)
+        assert (out / "weights").read_text() == "fast" and (out / "tokenizer").exists()
+        (tmp / "tokenizer").write_text("slow")
+
+    def fast(tmp):
+        (tmp / "weights").write_text("fast")
+        (tmp / "tokenizer").write_text("fast")
+
+    assert atomic_publish_dir(out, slow) == out
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"weights": "fast", "tokenizer": "fast"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # neither writer's temp is left
+
+    def broken(tmp):
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_publish_dir(tmp_path / "other", broken)
+    assert not (tmp_path / "other").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
 # ---- reports and comparisons ----------------------------------------------------------------------
 def test_report_keeps_differing_runs_apart_and_compare_pairs_cases(toy, tmp_path, one_thread):
     adapter = tiny_llava(seed=0)

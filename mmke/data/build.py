@@ -31,10 +31,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +41,7 @@ from typing import Any
 from mmke.data import easyvqa_source as ev
 from mmke.data.textfacts import capital_questions
 from mmke.data.textfacts import source_version as facts_source
+from mmke.io import atomic_write_bytes, atomic_write_json
 from mmke.models.default import COLOURS, SHAPES
 from mmke.paths import ASSETS
 
@@ -312,28 +311,16 @@ def _pick(items: list[Any], n: int | None, rng: random.Random) -> list[Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically: a temporary file in the same folder, then os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` as JSON atomically (builds racing on one folder each write their own temporary file)."""
+    atomic_write_json(path, data, ensure_ascii=False)
 
 
 def _copy_images(out: Path, splits: list[_Split]) -> None:
     """Copy the images the records use to ``out/images/<split>/<id>.png``, each atomically."""
     for sp in splits:
         d = out / "images" / sp.split
-        d.mkdir(parents=True, exist_ok=True)
         for i in sorted(sp.used):
-            dest = d / f"{i}.png"
-            tmp = dest.with_name(dest.name + ".tmp")
-            try:
-                shutil.copyfile(ev.image_path(sp.split, i), tmp)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write_bytes(d / f"{i}.png", Path(ev.image_path(sp.split, i)).read_bytes())
 
 
 def _start_output(out: Path) -> None:

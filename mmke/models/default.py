@@ -24,6 +24,7 @@ from torch import nn
 
 from mmke.models.base import (Batch, Example, ModelAdapter, TargetView, expanded_cache, has_editor_hooks,
                               head_at_targets, prefix_kv)
+from mmke.io import atomic_publish_dir
 from mmke.paths import ASSETS, cache_dir
 from mmke.progress import quiet_loading
 
@@ -62,12 +63,12 @@ def smollm2_dir() -> Path:
     cfg.pop("quantization_config", None)
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.load_state_dict(q.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if not out.exists():  # another process may have finished the same conversion meanwhile
-        tmp.rename(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return atomic_publish_dir(out, write)  # runs started together each convert; the first one's stays
 
 
 # --------------------------------------------------------------------------------------
