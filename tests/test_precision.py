@@ -320,3 +320,7 @@ def test_report_reads_an_option_added_later_as_its_default():
     assert row_key(summary(legacy)) == row_key(summary(defaults))
     labels = _labels([row_key(summary(legacy)), row_key(summary({**defaults, "key_site": "first"}))])
     assert labels == ['unike-plus (key_site="own")', 'unike-plus (key_site="first")']
+    # alone, a run at the defaults is the method's name; one with an option set away from it says so
+    assert _labels([row_key(summary(legacy))]) == ["unike-plus"]
+    assert _labels([row_key(summary({**defaults, "key_site": "first", "compete": True}))]) == [
+        'unike-plus (compete=true, key_site="first")']

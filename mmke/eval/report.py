@@ -158,22 +158,24 @@ def row_key(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _labels(keys: list[dict[str, Any]]) -> list[str]:
-    """Row labels: the method (and model when several), plus whatever differs between rows of the
-    same method."""
+    """Row labels: the method (and model when several), plus the options it ran away from the
+    method's defaults and whatever else differs between rows of the same method."""
     models = {k["model"] for k in keys}
     out = []
     for k in keys:
         same = [o for o in keys if o["method"] == k["method"] and o["model"] == k["model"]]
-        differ = [f for f in k if f not in ("model", "method") and len({json.dumps(o[f]) for o in same}) > 1]
+        differ = [f for f in k if f not in ("model", "method", "options")
+                  and len({json.dumps(o[f]) for o in same}) > 1]
         label = k["method"] if len(models) == 1 else f"{k['model']} / {k['method']}"
-        parts = []
+        # options: those set away from the default (a lone grace-mm at eps_init=2.5 says so), and
+        # those in which this method's rows differ
+        mine, others = json.loads(k["options"]), [json.loads(o["options"]) for o in same]
+        defaults = json.loads(_option_defaults(k["method"]))
+        parts = [f"{a}={json.dumps(mine.get(a))}" for a in sorted({a for o in others for a in o})
+                 if len({json.dumps(o.get(a)) for o in others}) > 1
+                 or (a in defaults and json.dumps(mine.get(a)) != json.dumps(defaults[a]))]
         for f in differ:
-            if f == "options":  # only the options in which this method's rows differ
-                mine, others = json.loads(k[f]), [json.loads(o[f]) for o in same]
-                parts += [f"{a}={json.dumps(mine.get(a))}" for a in sorted({a for o in others for a in o})
-                          if len({json.dumps(o.get(a)) for o in others}) > 1]
-            else:
-                parts.append(f"{f}={k[f]}")
+            parts.append(f"{f}={k[f]}")
         if parts:
             label += " (" + ", ".join(parts) + ")"
         out.append(label)
