@@ -121,6 +121,33 @@ def test_three_edits_removed_in_every_order(method, records):
         h.remove()
 
 
+def test_wise_memories_kept_up_to_date_equal_a_rebuild_from_the_deltas(records):
+    """The side memory adds each edit's delta to its shard's cached sum (and caches the merge):
+    after adds and a removal, every memory is bit for bit the one rebuilt from the deltas."""
+    adapter = tiny_llava()
+    ed = WiseEditor(adapter, WiseConfig(**WISE_FAST, save_freq=2), task=TASKS["vqa"], train_records=records)
+    handles = [ed.edit(EditRequest(e)) for e in EDITS]
+    mem = ed.memories[ed.layer]
+
+    def check():
+        ref: dict[int, torch.Tensor] = {}
+        for r in mem.records:
+            ref.setdefault(r.shard, mem.main.clone())[mem.mask(r.shard)] += r.delta
+        full = [ref[k] for k in sorted(ref) if k < mem.shard]
+        want = ([ties_merge(mem.main, full, mem.cfg.density, mem.cfg.merge_weight)] if full else []) + (
+            [ref[mem.shard]] if mem.shard in ref else [])
+        assert len(mem.memories) == len(want) and all(torch.equal(m, w) for m, w in zip(mem.memories, want))
+
+    assert mem.shard == 1 and len(mem.memories) == 2  # a merged shard of two edits beside the third's
+    check()
+    handles[0].remove()  # from the merged shard
+    check()
+    handles[2].remove()
+    check()
+    handles[1].remove()
+    assert mem.memories == [] and mem.records == []
+
+
 _TMP = {}
 
 
