@@ -58,6 +58,27 @@ def test_other_config_in_same_dir_is_refused(default_adapter, tmp_path):
         Run(RunConfig(method="null", limit=2), tmp_path, adapter=default_adapter).execute()
 
 
+def test_resumed_run_takes_the_thread_count_it_started_with(default_adapter, tmp_path, caplog):
+    """CPU sums depend on the thread count: a run records it and a resumed run uses it again."""
+    import torch
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Run(RunConfig(method="null", limit=1), tmp_path, adapter=default_adapter).execute()
+        assert json.loads((tmp_path / "run.json").read_text())["provenance"]["placement"]["threads"] == 1
+        torch.set_num_threads(2)
+        with caplog.at_level("WARNING"):
+            s = Run(RunConfig(method="null", limit=2), tmp_path / "other", adapter=default_adapter).execute()
+        assert torch.get_num_threads() == 2 and s["provenance"]["placement"]["threads"] == 2  # a new run: as set
+        with caplog.at_level("WARNING"):
+            s = Run(RunConfig(method="null", limit=1), tmp_path, adapter=default_adapter).execute()
+        assert torch.get_num_threads() == 1 and s["provenance"]["placement"]["threads"] == 1
+        assert "started with 1 CPU thread(s): resuming with 1, not 2" in caplog.text
+    finally:
+        torch.set_num_threads(old)
+
+
 def _cli(out: Path, limit: int) -> list[str]:
     return [sys.executable, "-m", "mmke.cli", "run", "--method", "ft-lm", "--task", "vqa",
             "--limit", str(limit), "--out", str(out)]

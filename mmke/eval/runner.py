@@ -154,7 +154,22 @@ class Run:
                 "train_data_digest": (file_digest(self.cfg.train_data)
                                       if editor.uses_train_records(editor.config) else None),
                 "benchmark": benchmark_of(self.cfg.data),
-                "placement": placement_record(adapter.model)}  # where it ran: recorded, not compared
+                # where it ran: recorded, not compared (a resumed run takes the thread count it started with)
+                "placement": {**placement_record(adapter.model), "threads": torch.get_num_threads()}}
+
+    def _resume_threads(self) -> None:
+        """Resume with the CPU thread count the run started with. Sums on the CPU are split by
+        thread, so their last bits depend on the count; over many edits that can change a
+        stream's results (docs/RESULTS.md, "Threads"). A resumed run then gives the numbers of an
+        unbroken one, whatever ``MMKE_THREADS`` or the machine's load says now."""
+        try:
+            n = json.loads((self.out / RUN_FILE).read_text())["provenance"]["placement"]["threads"]
+        except (OSError, ValueError, KeyError, TypeError):  # a new run, or one recorded before threads were
+            return
+        if isinstance(n, int) and n > 0 and n != torch.get_num_threads():
+            log.warning("%s started with %d CPU thread(s): resuming with %d, not %d, so that its numbers are "
+                        "those of an unbroken run", self.out, n, n, torch.get_num_threads())
+            torch.set_num_threads(n)
 
     def open(self, provenance: dict[str, Any]) -> CaseStore:
         """Create the run directory, or check that an existing one holds this very run."""
@@ -209,6 +224,7 @@ class Run:
         cases, n_skipped = self.stream()
         if not cases:
             raise ValueError(f"{self.cfg.data}: no valid records to evaluate")
+        self._resume_threads()
         adapter = self.adapter()
         editor = self.editor(adapter)
         provenance = self.provenance(adapter, editor)
