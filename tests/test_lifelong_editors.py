@@ -148,6 +148,54 @@ def test_wise_memories_kept_up_to_date_equal_a_rebuild_from_the_deltas(records):
     assert mem.memories == [] and mem.records == []
 
 
+def test_wise_route_floor_keeps_held_out_locality_inputs_below_the_threshold(records, tmp_path):
+    """The ``route_floor`` variant: its inputs are train records outside the irrelevant pool; the
+    threshold is the larger of EasyEdit's and the quantile of their scores; inputs below it run
+    the main memory bit for bit; removing every edit restores the model."""
+    recs = []
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)).save(tmp_path / f"{i}.png")
+        recs.append(EditRecord(src=f"what is shown {i}?", alt="blue", rephrase="shown?", image=f"{i}.png",
+                               image_rephrase=f"{i}.png", loc=f"nq question: who is person {i}?", loc_ans="ann",
+                               m_loc=f"{i}.png", m_loc_q=f"what color {i}?", m_loc_a="red", index=i,
+                               image_path=tmp_path / f"{i}.png", image_rephrase_path=tmp_path / f"{i}.png",
+                               m_loc_path=tmp_path / f"{i}.png"))
+    with pytest.raises(ValueError, match="quantile in"):
+        WiseEditor(tiny_llava(), WiseConfig(route_floor=1.5), task=TASKS["vqa"], train_records=recs)
+    with pytest.raises(ValueError, match="more train records than n_pool"):
+        WiseEditor(tiny_llava(), WiseConfig(route_floor=0.9), task=TASKS["vqa"], train_records=recs)
+    adapter = tiny_llava()
+    # a low act_ratio puts EasyEdit's threshold below the floor, so the floor decides
+    cfg = WiseConfig(**WISE_FAST, n_pool=2, n_calib=3, route_floor=0.5, act_ratio=0.1)
+    ed = WiseEditor(adapter, cfg, task=TASKS["vqa"], train_records=recs)
+    assert WiseEditor.uses_train_records(WiseConfig(n_irrelevant=0, route_floor=0.5))
+    pool = set(ed._pool_indices())
+    calib = ed.calibration_inputs()
+    assert len(pool) == 2 and len(calib) == 6  # 3 records x (T-Loc, M-Loc)
+    used = {p for ex in calib for p in range(6) if f"person {p}?" in ex.prompt or f"color {p}?" in ex.prompt}
+    assert len(used) == 3 and not used & pool
+    before = _logits(adapter, calib)
+    plain = WiseEditor(tiny_llava(), WiseConfig(**WISE_FAST, n_pool=2, act_ratio=0.1), task=TASKS["vqa"],
+                       train_records=recs)
+    hp = plain.edit(EditRequest(EDITS[0]))
+    h = ed.edit(EditRequest(EDITS[0]))
+    mem = ed.memories[ed.layer]
+    best = torch.stack([mem.score_rows(*mem.calib, w) for w in mem.memories]).max(0).values
+    assert mem.floor == pytest.approx(float(torch.quantile(best, 0.5)))
+    # the same edit (same pool, same steps): EasyEdit's threshold, raised to the floor where it is lower
+    assert h.meta["act"] == pytest.approx(hp.meta["act"])
+    assert hp.meta["threshold"] < mem.floor and mem.threshold == mem.floor
+    assert h.meta["floor"] == mem.floor and h.meta["route_floor"] == 0.5
+    after = _logits(adapter, calib)
+    below = (best < mem.threshold).tolist()
+    assert any(below) and any((best >= hp.meta["threshold"]) & (best < mem.threshold))
+    for n, low in enumerate(below):  # routed by EasyEdit's threshold alone, kept out by the floor
+        if low:
+            assert torch.equal(after[n], before[n])
+    h.remove()
+    assert mem.floor == 0.0 and torch.equal(_logits(adapter, calib), before)
+
+
 _TMP = {}
 
 

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from mmke.cli import app
-from mmke.eval.report import collect, compare, render, render_compare
+from mmke.eval.report import collect, compare, compare_verdict, render, render_compare
 from mmke.eval.runner import Run, RunConfig, check_same_run
 from mmke.eval.stats import bootstrap_ci, paired_difference, sign_flip_p_value
 from mmke.io import atomic_write_json
@@ -213,6 +213,13 @@ def test_report_keeps_differing_runs_apart_and_compare_pairs_cases(toy, tmp_path
     assert c["n_shared"] == 6 and set(c["rows"]) == set(METRICS) | {HARD_M_LOCALITY, "mean"}
     assert c["rows"]["t_locality"]["b"] == 1.0 and c["rows"]["t_locality"]["diff"] <= 0
     assert "A - B" in render_compare(c)
+    # the verdict follows the interval and flags a sign-flip p on the other side of 0.05
+    assert compare_verdict({"lo": 0.01, "hi": 0.09, "p_value": 0.01}, "a", "b") == "a higher"
+    assert compare_verdict({"lo": -0.2, "hi": -0.01, "p_value": None}, "a", "b") == "b higher"
+    assert compare_verdict({"lo": 0.011, "hi": 0.088, "p_value": 0.123}, "a", "b") == "a higher, weak: sign-flip p 0.12"
+    assert compare_verdict({"lo": -0.01, "hi": 0.1, "p_value": 0.3}, "a", "b") == "no difference shown"
+    assert compare_verdict({"lo": -0.01, "hi": 0.1, "p_value": 0.04}, "a", "b") == (
+        "no difference shown, borderline: sign-flip p 0.04")
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "runs" / "ft4"), str(tmp_path / "runs" / "null")])
     assert r.exit_code == 0 and "4 shared cases" in r.output
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "runs" / "ft"), str(tmp_path / "nope")])

@@ -36,6 +36,14 @@ NeurIPS 2024; reference: EasyEdit ``WISE.py`` and ``hparams/WISE/llama-7b.yaml``
   shard every ``save_freq`` (500) edits and merges every ``merge_freq`` (1000); mmke merges every
   full shard at once (``save_freq`` is the one option), so that no edit is ever left unrouted.
 
+**mmke variant** ``route_floor=q`` (off by default; report rows name it): the threshold is at
+least the q-quantile of the routing scores of held-out locality inputs. eps = max(EasyEdit's eps,
+quantile_q over C of max_m Delta_m(c)), C the T-Locality and M-Locality inputs of ``n_calib`` train
+records that are not in the irrelevant-input pool (a seeded sample), scored on every memory at each
+change. EasyEdit's rule follows the *smallest* edit score, so one weakly routed edit opens the side
+memory to every input; the floor keeps about (1 - q) of inputs like the locality probes out of it,
+at the price of the edits whose score falls below it.
+
 One side memory per (editor, layer), shared by all its edits, on one hook. Removal is exact in
 any order: each edit keeps its own delta (the entries of its shard's mask it changed) and its
 end-of-training score; the memories are rebuilt from the surviving edits' deltas in their
@@ -98,6 +106,8 @@ class SideMemory(TappedHook):
         self._merged: tuple[tuple[int, ...], torch.Tensor] | None = None  # (ids of the merged edits, memory)
         self.memories: list[torch.Tensor] = []  # weights routed to (merged, current shard)
         self.threshold = float("inf")
+        self.calib: tuple[torch.Tensor, torch.Tensor] | None = None  # value inputs of the route_floor inputs
+        self.floor = 0.0  # the route_floor part of the threshold (0 without one)
         self._hook = None
         self.training: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight, labels) while training
         self.suspended = False  # pass every input through (value inputs of the unedited model)
@@ -148,6 +158,11 @@ class SideMemory(TappedHook):
         if self.shard in shards:
             self.memories.append(self.shard_weight(self.shard))
         self.threshold = self.cfg.act_ratio * min((r.act for r in self.records), default=float("inf"))
+        self.floor = 0.0
+        if self.calib is not None and self.memories:
+            best = torch.stack([self.score_rows(*self.calib, w) for w in self.memories]).max(0).values
+            self.floor = float(torch.quantile(best.float().cpu(), self.cfg.route_floor))
+            self.threshold = max(self.threshold, self.floor)
         if self.records:
             self._install()
         else:
@@ -233,6 +248,8 @@ class WiseConfig(EditorConfig):
     density: float = 0.53  # TIES: fraction of each shard's task vector kept (EasyEdit densities)
     merge_weight: float = 1.0  # TIES: scale of the merged task vector (EasyEdit weights)
     seed: int = 0  # shard masks and the choice of irrelevant inputs
+    route_floor: float | None = None  # mmke variant: threshold >= this quantile of held-out locality inputs' scores (None: EasyEdit's rule)
+    n_calib: int = 64  # route_floor: train records (outside the irrelevant pool) whose T-/M-Locality inputs set the floor
 
 
 class WiseEditor(Editor):
@@ -245,18 +262,46 @@ class WiseEditor(Editor):
         self.memories: dict[int, SideMemory] = {}
         self._pool: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         tmpl = task.prompt if task is not None else (lambda s: s)
-        self._irrelevant = [(tmpl(r.src), " " + r.alt.strip(), r.image_path) for r in (train_records or [])]
+        self.task, self._train = task, list(train_records or [])
+        self._irrelevant = [(tmpl(r.src), " " + r.alt.strip(), r.image_path) for r in self._train]
         if not self._irrelevant:
             log.warning("wise: no train records, so no irrelevant inputs for the routing loss")
+        q = self.config.route_floor
+        if q is not None:
+            if not 0.0 < q <= 1.0:
+                raise ValueError(f"wise: route_floor must be a quantile in (0, 1], got {q}")
+            if task is None or len(self._train) <= self.config.n_pool or self.config.n_calib <= 0:
+                raise ValueError("wise: route_floor needs the task and more train records than n_pool "
+                                 f"({self.config.n_pool}) and n_calib > 0: its inputs are train records "
+                                 "outside the irrelevant-input pool")
 
     @classmethod
     def uses_train_records(cls, config) -> bool:
-        return config.n_irrelevant > 0
+        return config.n_irrelevant > 0 or config.route_floor is not None
 
     def memory(self, layer: int) -> SideMemory:
         if layer not in self.memories:
-            self.memories[layer] = SideMemory(self.adapter, layer, self.config)
+            mem = SideMemory(self.adapter, layer, self.config)
+            if self.config.route_floor is not None:
+                mem.calib = self._value_inputs(mem, self.calibration_inputs())
+            self.memories[layer] = mem
         return self.memories[layer]
+
+    def _pool_indices(self) -> list[int]:
+        """Which train records the irrelevant-input pool draws (the sample :meth:`irrelevant_pool` takes)."""
+        rng = random.Random(f"wise-pool:{self.config.seed}")
+        return rng.sample(range(len(self._irrelevant)), min(self.config.n_pool, len(self._irrelevant)))
+
+    def calibration_inputs(self) -> list[Example]:
+        """``route_floor``'s inputs: the T-Locality and M-Locality inputs of ``n_calib`` train
+        records outside the irrelevant-input pool (a sample seeded by ``seed``)."""
+        from mmke.scoring import case_inputs
+
+        pool = set(self._pool_indices())
+        rest = [r for i, r in enumerate(self._train) if i not in pool]
+        picks = random.Random(f"wise-calib:{self.config.seed}").sample(rest, min(self.config.n_calib, len(rest)))
+        return [ex for r in picks for ex in case_inputs(r, self.task, self.adapter.load_image,
+                                                        kinds=("t_locality", "m_locality")).values()]
 
     def _value_inputs(self, mem: SideMemory, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Value-matrix inputs of ``examples`` at their target-predicting positions, on the model
@@ -269,16 +314,21 @@ class WiseEditor(Editor):
         suspended = [(m, m.suspended) for m in self.memories.values()]
         for m, _ in suspended:
             m.suspended = True
+        order: list[int] = []  # the example of each captured row: families may run image and text rows apart
         try:
             with torch.no_grad():
                 for i in range(0, len(examples), 8):
-                    self.adapter.run(examples[i:i + 8])
+                    chunk = examples[i:i + 8]
+                    for idx in self.adapter.sub_batches(chunk):
+                        self.adapter.run([chunk[j] for j in idx])
+                        order += [i + j for j in idx]
         finally:
             for m, old in suspended:
                 m.suspended = old
             h.remove()
             tap.release()
         rows = [(at[b], mk[b]) for at, mk in got for b in range(at.shape[0])]
+        rows = [row for _i, row in sorted(zip(order, rows), key=lambda t: t[0])]
         L = max(int(mk.sum()) for _a, mk in rows)
         at = torch.zeros(len(rows), L, mem.main.shape[1])
         mask = torch.zeros(len(rows), L, dtype=torch.bool)
@@ -294,8 +344,7 @@ class WiseEditor(Editor):
             if not self._irrelevant or self.config.n_irrelevant <= 0:
                 self._pool[mem.layer] = None
             else:
-                rng = random.Random(f"wise-pool:{self.config.seed}")
-                picks = rng.sample(self._irrelevant, min(self.config.n_pool, len(self._irrelevant)))
+                picks = [self._irrelevant[i] for i in self._pool_indices()]
                 exs = [Example(p, t, self.adapter.load_image(i) if i else None) for p, t, i in picks]
                 at, mask = self._value_inputs(mem, exs)
                 dev = module_device(mem.site)
@@ -365,7 +414,8 @@ class WiseEditor(Editor):
         if sum(r.shard == mem.shard for r in mem.records) >= cfg.save_freq:
             mem.shard += 1
             mem.rebuild()
-        meta = {"layer": self.layer, "shard": shard, "act": act, "threshold": mem.threshold, "steps": steps,
+        meta = {"layer": self.layer, "shard": shard, "act": act, "threshold": mem.threshold, "floor": mem.floor,
+                "route_floor": cfg.route_floor, "steps": steps,
                 "fixed": fixed, "routing_loss": lact, "mask_ratio": cfg.mask_ratio, "seed": cfg.seed,
                 "n_irrelevant": 0 if irr is None else int(irr[0].shape[0])}
         return EditHandle(self.adapter, self.name, undo=lambda: mem.remove(rid),

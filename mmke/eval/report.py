@@ -446,6 +446,18 @@ def _out_of_scope_in_both(dir_a: str | Path, dir_b: str | Path, shared: list[str
     return [c for c in shared if ma.get(c) is False and mb.get(c) is False]
 
 
+def compare_verdict(r: dict[str, Any], name_a: str, name_b: str, alpha: float = 0.05) -> str:
+    """One row's verdict: "X higher" only where the 95% interval of A - B excludes 0. Where the
+    sign-flip test's p-value falls on the other side of ``alpha`` (small n, skewed differences),
+    the verdict says so rather than letting one statistic speak for both."""
+    p = r.get("p_value")
+    if r["lo"] > 0 or r["hi"] < 0:
+        v = f"{name_a if r['lo'] > 0 else name_b} higher"
+        return v if p is None or p < alpha else f"{v}, weak: sign-flip p {p:.2g}"
+    v = "no difference shown"
+    return v if p is None or p >= alpha else f"{v}, borderline: sign-flip p {p:.2g}"
+
+
 def render_compare(c: dict[str, Any]) -> str:
     """Markdown table of :func:`compare`'s result, with a one-line verdict per metric."""
     a, b = c["method_a"], c["method_b"]
@@ -456,7 +468,7 @@ def render_compare(c: dict[str, Any]) -> str:
              "two-sided sign-flip p-value", "",
              f"| metric | A ({a}) | B ({b}) | A - B [95% CI] | p | n | verdict |", "|---|---|---|---|---|---|---|"]
     for k, r in c["rows"].items():
-        verdict = (f"{name_a} higher" if r["lo"] > 0 else f"{name_b} higher" if r["hi"] < 0 else "no difference shown")
+        verdict = compare_verdict(r, name_a, name_b)
         p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
         lines.append(f"| {SHORT[k]} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} "
                      f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {p} | {r['n']} | {verdict} |")
