@@ -13,7 +13,9 @@ the stream table is the first run's. Prints Markdown. Content classes are those 
 benchmark) uses easy-vqa's own colour-shape labels instead, which the links only partly reveal,
 and adds how many of the probe set's M-Locality inputs are then in scope at each checkpoint, and
 each run's M-Locality at its last checkpoint over the probes out of scope by the labels, in scope by
-the labels only, and in scope by the links.
+the labels only, and in scope by the links. ``--by-target`` adds each run's retention at its last
+checkpoint per target answer (an editor that collapses a question type onto one answer keeps the
+edits to that answer and no other).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("run_dirs", type=Path, nargs="+")
     ap.add_argument("--easyvqa-labels", action="store_true",
                     help="content classes from easy-vqa's colour-shape labels (the bundled benchmark)")
+    ap.add_argument("--by-target", action="store_true",
+                    help="each run's retention at its last checkpoint per target answer")
     args = ap.parse_args()
     cfg, cases = stream(args.run_dirs[0])
     records = [c.record for c in cases[: cfg.k]]
@@ -93,6 +97,27 @@ def main() -> None:
         print(f"| {d} | {mean(kept + over)} | {mean(kept)} | {mean(over)} |")
     if image_class is not None:
         _m_locality_by_scope(args.run_dirs, image_class)
+    if args.by_target:
+        _retention_by_target(args.run_dirs)
+
+
+def _retention_by_target(run_dirs: list[Path]) -> None:
+    """Per run, retention at the last checkpoint per target answer, most frequent targets first."""
+    for d in run_dirs:
+        cfg, cases = stream(d)
+        n = cfg.checkpoints[-1]
+        rel = {r["key"]: r["metrics"]["reliability"] for r in CaseStore(d / "cases.jsonl").rows()
+               if r.get("checkpoint") == n and "reliability" in r["metrics"]}
+        by: dict[str, list[float]] = {}
+        for c in cases[:n]:
+            v = rel.get(f"cp{n}:{c.key}")
+            if v is not None:
+                by.setdefault(norm_text(c.record.alt), []).append(v)
+        print(f"\n{d}, retention after {n} edits per target answer:\n")
+        print("| target | edits | retention |")
+        print("|---|---|---|")
+        for t, v in sorted(by.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            print(f"| {t} | {len(v)} | {100 * sum(v) / len(v):.1f} |")
 
 
 def _m_locality_by_scope(run_dirs: list[Path], image_class) -> None:
