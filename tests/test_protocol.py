@@ -222,6 +222,10 @@ def test_report_keeps_differing_runs_apart_and_compare_pairs_cases(toy, tmp_path
         "no difference shown, borderline: sign-flip p 0.04")
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "runs" / "ft4"), str(tmp_path / "runs" / "null")])
     assert r.exit_code == 0 and "4 shared cases" in r.output
+    # two runs of one method are named by the options in which they differ
+    c = compare(tmp_path / "runs" / "ft4s", tmp_path / "runs" / "ft4")
+    assert (c["label_a"], c["label_b"]) == ("ft-lm (steps=2)", "ft-lm (steps=3)")
+    assert "| A (ft-lm (steps=2)) | B (ft-lm (steps=3)) |" in render_compare(c)
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "runs" / "ft"), str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no summary.json" in r.output
 

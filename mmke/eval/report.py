@@ -402,7 +402,9 @@ def compare(dir_a: str | Path, dir_b: str | Path, *, exact_match: bool = False, 
     if not shared:
         raise ValueError(f"{dir_a} and {dir_b} share no case (other data, or other samples?)")
     key = "metrics_exact_match" if exact_match else "metrics"
+    label_a, label_b = _labels([row_key(sa), row_key(sb)])  # a method's options and what else differs
     out: dict[str, Any] = {"a": str(dir_a), "b": str(dir_b), "method_a": sa["method"], "method_b": sb["method"],
+                           "label_a": label_a, "label_b": label_b,
                            "task": sa["task"], "n_shared": len(shared), "n_a": len(ra), "n_b": len(rb),
                            "metric": "exact match" if exact_match else "token accuracy", "rows": {},
                            **({"checkpoint": checkpoint} if all(lifelong) else {})}
@@ -460,7 +462,7 @@ def compare_verdict(r: dict[str, Any], name_a: str, name_b: str, alpha: float = 
 
 def render_compare(c: dict[str, Any]) -> str:
     """Markdown table of :func:`compare`'s result, with a one-line verdict per metric."""
-    a, b = c["method_a"], c["method_b"]
+    a, b = c.get("label_a", c["method_a"]), c.get("label_b", c["method_b"])
     name_a, name_b = (f"A ({a})", f"B ({b})") if a == b else (a, b)  # two runs of one method: by side
     after = f" after {c['checkpoint']} edits" if "checkpoint" in c else ""
     lines = [f"{c['a']} ({a}) vs {c['b']} ({b}), task {c['task']}{after}: {c['n_shared']} shared cases "
