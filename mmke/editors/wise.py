@@ -41,7 +41,7 @@ least the q-quantile of the routing scores of held-out locality inputs. eps = ma
 quantile_q over C of max_m Delta_m(c)), C the T-Locality and M-Locality inputs of ``n_calib`` train
 records that are not in the irrelevant-input pool (a seeded sample), scored on every memory at each
 change. EasyEdit's rule follows the *smallest* edit score, so one weakly routed edit opens the side
-memory to every input; the floor keeps about (1 - q) of inputs like the locality probes out of it,
+memory to every input; the floor keeps about a share q of inputs like the locality probes out of it,
 at the price of the edits whose score falls below it.
 
 One side memory per (editor, layer), shared by all its edits, on one hook. Removal is exact in
