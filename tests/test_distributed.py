@@ -115,7 +115,7 @@ def test_sharded_store_reads_everything_and_writes_its_own_shard_only(tmp_path):
     assert all(k in s for k in "abd") and "c" not in s and len(s) == 3
     assert other.read_text().endswith('{"key": "c"')  # another rank's file is never truncated
     assert shard_path(tmp_path, 0).read_text().endswith("}\n")  # its own partial line is dropped
-    s.add_many([{"key": "e", "index": 4}])
+    s.add({"key": "e", "index": 4})
     assert "e" in s and [r["key"] for r in _rows(tmp_path)] == ["a"]
     assert [json.loads(x)["key"] for x in shard_path(tmp_path, 0).read_text().splitlines()] == ["d", "e"]
 

@@ -1,7 +1,7 @@
 """Composition and the evaluation settings: every editor takes several edits on one model and
-removes any of them in any order; sequential runs resume after a crash mid-group to identical
-numbers; cross-task groups hold both tasks; lifelong runs write their curve and leave the model as
-it was."""
+removes any of them in any order; sequential runs resume after a crash mid-group (while editing or
+scoring) to identical numbers; cross-task groups hold both tasks; lifelong runs write their curve
+and leave the model as it was."""
 
 import itertools
 import json
@@ -210,6 +210,48 @@ def test_sequential_run_killed_mid_group_resumes_to_identical_numbers(toy, tmp_p
     monkeypatch.setattr(FTEditor, "edit", real)
     resumed = _run(data, tmp_path / "cut", adapter, **kw)
     assert resumed["metrics"] == full["metrics"] and resumed["intervals"] == full["intervals"]
+    per_case = lambda d: {r["key"]: r["metrics"] for r in map(json.loads, (d / "cases.jsonl").read_text().splitlines())}
+    assert per_case(tmp_path / "cut") == per_case(tmp_path / "full")
+
+
+def test_sequential_run_killed_while_scoring_keeps_the_scored_cases_and_resumes_to_identical_numbers(
+        toy, tmp_path, monkeypatch, one_thread):
+    """Scored rows are written one by one: a kill part-way through a group's scoring keeps them,
+    and the resumed run re-applies the group's edits and scores only the rest."""
+    import mmke.eval.runner as runner
+    from mmke.editors.ft import FTEditor
+
+    data, _ = toy
+    kw = dict(method="ft-lm", setting="sequential", k=3, limit=9, method_config={"steps": 3})
+    full = _run(data, tmp_path / "full", tiny_llava(seed=0), **kw)
+    real_case, calls = runner.run_case, {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:  # group 1: 3 unedited + 3 scored; group 2: 3 unedited, then its 2nd scored case
+            raise KeyboardInterrupt
+        return real_case(*a, **k)
+
+    adapter = tiny_llava(seed=0)
+    digest = state_digest(adapter.model)
+    monkeypatch.setattr(runner, "run_case", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path / "cut", adapter, **kw)
+    assert state_digest(adapter.model) == digest
+    keys = lambda d: [json.loads(x)["key"] for x in (d / "cases.jsonl").read_text().splitlines()]
+    assert len(keys(tmp_path / "cut")) == 4  # group 1 and the first scored case of group 2
+    monkeypatch.setattr(runner, "run_case", real_case)
+    real_edit, edits = FTEditor.edit, {"n": 0}
+
+    def counting(self, request):
+        edits["n"] += 1
+        return real_edit(self, request)
+
+    monkeypatch.setattr(FTEditor, "edit", counting)
+    resumed = _run(data, tmp_path / "cut", adapter, **kw)
+    assert edits["n"] == 6  # group 2's edits again, then group 3's; group 1 is not redone
+    assert resumed["metrics"] == full["metrics"] and resumed["intervals"] == full["intervals"]
+    assert sorted(keys(tmp_path / "cut")) == sorted(keys(tmp_path / "full"))  # none twice, none lost
     per_case = lambda d: {r["key"]: r["metrics"] for r in map(json.loads, (d / "cases.jsonl").read_text().splitlines())}
     assert per_case(tmp_path / "cut") == per_case(tmp_path / "full")
 

@@ -14,7 +14,7 @@ The protocol, per run directory:
 2. every rank reads the rows already written — ``cases.jsonl`` and every rank's shard under
    ``shards/`` — and, after a barrier, deals the groups not yet done to ranks (round-robin or
    contiguous); a rank writes only its own shard ``shards/rank-<r>.jsonl`` (same durability as
-   ``cases.jsonl``: a killed rank resumes its shard at the first unfinished group);
+   ``cases.jsonl``: a killed rank resumes its shard at the first unfinished group and case);
 3. after a barrier rank 0 merges ``cases.jsonl`` and every shard into ``cases.jsonl`` in the
    one-process run's order, deletes the shards and writes ``summary.json``; the metrics equal a
    one-process run's on the same configuration; the other ranks return the same summary.
@@ -111,11 +111,6 @@ class ShardedStore:
     def add(self, row: dict[str, Any]) -> None:
         self.own.add(row)
         self.done[row["key"]] = row
-
-    def add_many(self, rows: list[dict[str, Any]]) -> None:
-        self.own.add_many(rows)
-        for r in rows:
-            self.done[r["key"]] = r
 
     def rows(self) -> list[dict[str, Any]]:
         return sorted(self.done.values(), key=lambda r: r["index"])

@@ -6,9 +6,10 @@ Composes a model adapter, an editor and MMEdit records; none of them imports thi
 
 A run directory holds ``run.json`` (the resolved configuration and the provenance of its inputs:
 library versions, model digest, editor-weights digest, data digests and benchmark hash),
-``cases.jsonl`` (durable lines: a group's scored cases are written together once the group is done,
-so a killed run resumes at the first unfinished group; under torchrun each rank writes its own
-shard under ``shards/`` and rank 0 merges them, :mod:`mmke.eval.distributed`) and ``summary.json``.
+``cases.jsonl`` (durable lines, one per scored case, written as it is scored: a killed run resumes
+at the first unfinished group, re-applies that group's edits and scores only its cases not yet
+written; under torchrun each rank writes its own shard under ``shards/`` and rank 0 merges them,
+:mod:`mmke.eval.distributed`) and ``summary.json``.
 Everything is validated and loaded before the directory is created or touched, so a failed start
 leaves nothing behind; a re-run with the same command resumes, and one whose inputs changed
 (another model, other editor weights, other data, other library versions) is refused with a
@@ -270,7 +271,7 @@ class Run:
 
     def run_group(self, adapter, editor, store: CaseStore, g: Group, bar, ptask) -> None:
         """Unedited outputs, the group's edits one after another, scoring at its checkpoints,
-        then every edit removed. Scored rows are written once per checkpoint."""
+        then every edit removed. Scored rows are written one by one (:meth:`score`)."""
         cfg = self.cfg
         # a one-case group decodes its images once, for its unedited outputs, edit and scoring; a
         # longer group decodes a case's images at each use, so memory never grows with K
@@ -308,16 +309,25 @@ class Run:
 
     def score(self, adapter, store: CaseStore, g: Group, n: int, pre: dict[str, CaseOutputs],
               edit_s: dict[str, float], metas: dict[str, Any]) -> None:
+        """Score the cases of checkpoint ``n`` with the group's edits in place, each row written
+        durably as soon as it is scored: a run killed here resumes by re-applying the group's edits
+        (deterministic: same seed, same thread count) and scoring only the cases not written yet.
+        That keeps the hours of a long-context method's scoring (IKE at K = 20) across a kill."""
         ref = self.cfg.m_locality != "top1"
         scored = g.scored(n)
-        rows = []
+        done = sum(g.row_key(n, s.case.key) in store for s in scored)
+        if done:
+            log.info("resuming the scoring of %s: %d of %d cases already written",
+                     f"checkpoint {n}" if g.lifelong else f"group {g.index + 1}", done, len(scored))
         # the model does not change while a checkpoint is scored: a prefix shared by its cases' inputs
         # (the in-context knowledge of every edit in place) is computed once for all of them
         with progress() as bar, adapter.sharing_prefixes():
             label = f"scoring after {n} edits" if g.lifelong else f"scoring group {g.index + 1}"
-            task = bar.add_task(label, total=len(scored)) if len(scored) > 1 else None
+            task = bar.add_task(label, total=len(scored), completed=done) if len(scored) > 1 else None
             for s in scored:
                 c = s.case
+                if g.row_key(n, c.key) in store:
+                    continue
                 tv = time.perf_counter()
                 # a lifelong edit that is no probe: its edit inputs only; the images go with the call
                 post = run_case(adapter, self.inputs(adapter, c, METRICS if c.key in pre else EDIT_METRICS),
@@ -333,10 +343,9 @@ class Run:
                     row["checkpoint"] = n
                 else:
                     row.update(group=g.index, edit_s=edit_s[c.key], edit_meta=metas[c.key])
-                rows.append(row)
+                store.add(row)
                 if task is not None:
                     bar.update(task, advance=1)
-        store.add_many(rows)
 
     def verify(self, adapter, original: tuple[str | None, int], g: Group) -> None:
         """After a group: the model must be the original one (no hook, transform or wrapper left;

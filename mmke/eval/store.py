@@ -46,17 +46,6 @@ class CaseStore:
             os.fsync(f.fileno())
         self.done[row["key"]] = row
 
-    def add_many(self, rows: list[dict[str, Any]]) -> None:
-        """Append several rows with one write (a group's scored cases); a kill during the write
-        leaves at most one partial line, and the group is redone on resume."""
-        data = b"".join((json.dumps(r, sort_keys=True) + "\n").encode() for r in rows)
-        with open(self.path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        for r in rows:
-            self.done[r["key"]] = r
-
     def rows(self) -> list[dict[str, Any]]:
         return sorted(self.done.values(), key=lambda r: r["index"])
 
