@@ -141,6 +141,44 @@ def test_a_shared_context_runs_once_for_every_batch_inside_sharing_prefixes(adap
         assert len(runs) == 2 and torch.allclose(whole.logits, first.logits, atol=1e-4)
 
 
+def test_a_long_row_reuses_the_kv_cache_of_the_head_it_shares_with_an_earlier_row(adapter, case, monkeypatch):
+    """IKE's published layout puts the image first and the demonstrations after it, so no row shares
+    a text prefix; inside one memo a long row reuses the KV cache of the longest head it shares with
+    a recent row that saw the same image (or no image), and only its own tail runs. The outputs are
+    those of the rows run alone."""
+    import functools
+
+    from mmke.models.default import DefaultVLM
+
+    monkeypatch.setattr(DefaultVLM, "long_row", 96)
+    monkeypatch.setattr(DefaultVLM, "min_shared", 32)
+    head = "".join(f"New Fact: what shape is in the image? {s}\nPrompt: what shape is in the image? {s}\n\n"
+                   for s in ("circle", "triangle", "rectangle", "circle"))
+    other = Image.new("RGB", case.image.size, (200, 30, 30))
+    q1, q2, q3 = case.prompt, "Question: which shape is shown? Short answer:", "nq question: who wrote hamlet?"
+    exs = [Example(head + q1, case.target, case.image), Example(head + q2, case.target, case.image),
+           Example(head + q3, " shakespeare", None), Example(head + q1, " paris", None),
+           Example(head + q1, case.target, other), Example("a photo of", " a red circle", case.image)]
+    lm = adapter.model.lm.model
+    real, ran = lm.forward, []
+
+    @functools.wraps(real)
+    def counting(*a, **k):
+        ran.append(k["inputs_embeds"].shape[1])
+        return real(*a, **k)
+
+    with torch.no_grad():
+        alone = [adapter.run([ex]).logits for ex in exs]  # each run its own memo: every row whole
+        rows = [len(adapter.prepare([ex]).inputs["input_ids"][0]) for ex in exs]
+        monkeypatch.setattr(lm, "forward", counting)
+        with adapter.sharing_prefixes():
+            shared = [adapter.run([ex]).logits for ex in exs]
+    assert ran[0] == rows[0] and ran[2] == rows[2] and ran[4] == rows[4] and ran[5] == rows[5]  # run whole
+    assert ran[1] < rows[1] // 4 and ran[3] < rows[3] // 4  # only their tails: same image, same text-only head
+    for a, b in zip(alone, shared):
+        assert torch.allclose(a, b, atol=1e-4) and torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_ike_changes_outputs_and_removal_restores_them(adapter, case, tmp_path):
     from mmke.data.schema import load_records
     from mmke.data.bundled import default_benchmark_dir, ensure_benchmark

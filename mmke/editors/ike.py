@@ -19,7 +19,10 @@ edit's copy demonstration and the latest new fact): IKE's memory is its context,
   for BLIP-2 and MiniGPT-4 (``image_first``). ``image_first=False`` is mmke's layout: the
   demonstrations go before the image (``Example.context``), the query ``"New Fact: ...\\nPrompt:
   {input}"`` after it, so the five inputs of a case share one prefix whose KV cache adapters
-  compute once (the default model and the ``hf:`` families).
+  compute once (the default model and the ``hf:`` families). In the published layout the default
+  model still reuses, for an input of 2,048 tokens or more, the KV cache of the head it shares with
+  an input on the same image scored just before it (a case's Rel and T-Gen; a group's text-only
+  T-Loc inputs): ``DefaultVLM.long_row``.
 
 In both layouts the query and the input are one piece of text, tokenised together: the input's
 first word carries its leading space exactly as in the demonstrations (``Prompt: Question: ...``).

@@ -126,6 +126,14 @@ def image_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
 class DefaultVLM(nn.Module):
     """vision -> projector -> SmolLM2. ``forward`` takes ids with placeholder positions for images."""
 
+    # A row at least ``long_row`` tokens long, run alone inside a memo, reuses the KV cache of the
+    # longest head it shares with one of the last ``rows_kept`` such rows that saw the same image
+    # (IKE's published layout: the image, then the demonstrations; :meth:`hidden`). Shorter rows
+    # never do, so every figure of short inputs is computed as before.
+    long_row = 2048
+    rows_kept = 4
+    min_shared = 256  # a shorter common head is run again
+
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.vision = VisionTower()
@@ -146,14 +154,15 @@ class DefaultVLM(nn.Module):
         """Last hidden states [B, T, H]. When every row starts with the same ``prefix_len`` text
         tokens (shared in-context knowledge), the prefix is run once and its KV cache shared by the
         rows; with ``memo`` (:meth:`~mmke.models.base.ModelAdapter.sharing_prefixes`), by every batch
-        that starts with it too."""
+        that starts with it too. A single row of :attr:`long_row` tokens or more inside a memo, with
+        no shared prefix, reuses the head it shares with a recent row (:meth:`_hidden_reusing_rows`)."""
         P = prefix_len
+        if memo is not None and P <= 0 and input_ids.shape[0] == 1 and input_ids.shape[1] >= self.long_row:
+            return self._hidden_reusing_rows(input_ids, attention_mask, vis_mask, pixel_values, memo)
         if P <= 0 or P >= input_ids.shape[1] or (input_ids.shape[0] == 1 and memo is None) or bool(vis_mask[:, :P].any()):
             emb = self.embed(input_ids, vis_mask, pixel_values)
             return self.lm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
-        # transformers 5.x names the KV cache `cache` (`past_key_values` is deprecated, with a
-        # FutureWarning per call); earlier versions know only `past_key_values`
-        name = "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters else "past_key_values"
+        name = self._cache_arg()
 
         def run_prefix():
             pre = self.lm.model(inputs_embeds=self.lm.get_input_embeddings()(input_ids[:1, :P]), use_cache=True)
@@ -166,6 +175,48 @@ class DefaultVLM(nn.Module):
         rest = self.lm.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos, use_cache=False,
                              **{name: expanded_cache(kv, B, self.lm.config)}).last_hidden_state
         return torch.cat([h_pre.expand(B, -1, -1), rest], 1)
+
+    def _cache_arg(self) -> str:
+        """The LM's name for the KV cache: transformers 5.x says ``cache`` (``past_key_values`` is
+        deprecated, with a FutureWarning per call); earlier versions know only ``past_key_values``."""
+        return "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters else "past_key_values"
+
+    def _hidden_reusing_rows(self, input_ids, attention_mask, vis_mask, pixel_values, memo: dict) -> torch.Tensor:
+        """One long row: its head shared with a row run before it inside ``memo`` (the same image, or
+        both text-only) comes from that row's KV cache, and only the rest is run. A causal model's
+        states at a position depend only on the tokens up to it, so the reuse is exact up to float
+        rounding. The row's own states and KV cache are kept for the rows after it (the last
+        :attr:`rows_kept`); with the image first, a case's inputs on one image, and a group's
+        text-only inputs, share everything up to the input's own text."""
+        from transformers import DynamicCache
+
+        name = self._cache_arg()
+        ids, T = input_ids[0].tolist(), input_ids.shape[1]
+        image = None if pixel_values is None else hashlib.sha256(pixel_values.detach().cpu().numpy().tobytes()).digest()
+        kept: list = memo.setdefault("long rows", [])  # (image, ids, hidden, kv), least recently used first
+        best, L = None, 0
+        for entry in kept:
+            if entry[0] == image:
+                n = next((j for j, (a, b) in enumerate(zip(entry[1], ids)) if a != b), min(len(entry[1]), T))
+                if n > L:
+                    best, L = entry, n
+        L = min(L, T - 1)
+        if best is not None and L >= self.min_shared and not bool(vis_mask[0, L:].any()):
+            kept.remove(best)
+            kept.append(best)
+            cache = DynamicCache([(k[:, :, :L], v[:, :, :L]) for k, v in best[3]], config=self.lm.config)
+            emb = self.lm.get_input_embeddings()(input_ids[:, L:])
+            pos = torch.arange(L, T, device=emb.device).unsqueeze(0)
+            out = self.lm.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos, use_cache=True,
+                                **{name: cache})
+            h = torch.cat([best[2][:, :L], out.last_hidden_state], 1)
+        else:
+            out = self.lm.model(inputs_embeds=self.embed(input_ids, vis_mask, pixel_values),
+                                attention_mask=attention_mask, use_cache=True)
+            h = out.last_hidden_state
+        kept.append((image, ids, h, [(layer.keys, layer.values) for layer in out[name].layers]))
+        del kept[: -self.rows_kept]
+        return h
 
 
 # --------------------------------------------------------------------------------------
@@ -309,7 +360,7 @@ class DefaultAdapter(ModelAdapter):
     def _hidden(self, batch: Batch) -> torch.Tensor:
         inputs = dict(batch.inputs)
         if has_editor_hooks(self.model):  # an editor's hook may look at whole rows: run them as they are
-            inputs["prefix_len"] = 0
+            return self.model.hidden(**{**inputs, "prefix_len": 0})
         return self.model.hidden(**inputs, memo=self._prefix_memo)
 
     def _forward(self, batch: Batch) -> torch.Tensor:
