@@ -6,6 +6,7 @@ and leave the model as it was."""
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +255,28 @@ def test_sequential_run_killed_while_scoring_keeps_the_scored_cases_and_resumes_
     assert sorted(keys(tmp_path / "cut")) == sorted(keys(tmp_path / "full"))  # none twice, none lost
     per_case = lambda d: {r["key"]: r["metrics"] for r in map(json.loads, (d / "cases.jsonl").read_text().splitlines())}
     assert per_case(tmp_path / "cut") == per_case(tmp_path / "full")
+
+
+def test_partial_run_script_aggregates_the_finished_groups_of_a_stopped_run(toy, tmp_path, monkeypatch, capsys,
+                                                                            one_thread):
+    """``scripts/partial_run.py`` on a sequential run stopped in its second group: the summary's
+    aggregation over the first group's cases, and how far the second got."""
+    import runpy
+
+    from mmke.eval.summary import aggregate
+
+    data, _ = toy
+    out = tmp_path / "seq"
+    _run(data, out, tiny_llava(seed=0), method="ft-lm", setting="sequential", k=3, limit=9, method_config={"steps": 2})
+    lines = (out / "cases.jsonl").read_text().splitlines(keepends=True)
+    (out / "cases.jsonl").write_text("".join(lines[:4]))  # group 1, and one case of group 2
+    (out / "summary.json").unlink()
+    monkeypatch.setattr("sys.argv", ["partial_run.py", str(out)])
+    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "partial_run.py"), run_name="__main__")
+    text = capsys.readouterr().out
+    assert "1 of 3 groups stored (3 of 9 cases); group 2: 1 of 3 cases scored (not counted)" in text
+    first = [json.loads(x) for x in lines[:3]]
+    assert f"mean {100 * aggregate(first)['mean']:.1f} [" in text
 
 
 def test_cross_task_groups_hold_both_tasks_and_report_per_task(toy, tmp_path, one_thread):
