@@ -47,10 +47,21 @@ def reuse_row(model, tok, tokens: int) -> dict:
     (q1, a1, i), (q2, _a2, _i2) = ev.questions("test")[:2]
     image = Image.open(ev.image_path("test", i)).convert("RGB")
     fact = f"New Fact: {VQA_TEMPLATE.format(q1)} {a1}\nPrompt: {VQA_TEMPLATE.format(q2)} {a1}\n\n"
-    head = fact * max(1, (tokens - 64) // len(tok(fact, add_special_tokens=False).input_ids))
-    first, second = (Example(head + f"New Fact: {VQA_TEMPLATE.format(q1)} {a1}\nPrompt: " + VQA_TEMPLATE.format(q),
-                             f" {a1}", image) for q in (q1, q2))
-    n = len(adapter.prepare([second]).inputs["input_ids"][0])
+    query = f"New Fact: {VQA_TEMPLATE.format(q1)} {a1}\nPrompt: "
+
+    def size(ex: Example) -> float:
+        try:
+            return len(adapter.prepare([ex]).inputs["input_ids"][0])
+        except ValueError:  # longer than the model's context
+            return float("inf")
+
+    repeats = max(1, tokens // len(tok(fact, add_special_tokens=False).input_ids))
+    while True:  # the most demonstrations that keep both inputs within ``tokens``
+        first, second = (Example(fact * repeats + query + VQA_TEMPLATE.format(q), f" {a1}", image) for q in (q1, q2))
+        n = max(size(first), size(second))
+        if n <= tokens or repeats == 1:
+            break
+        repeats -= 1
     alone = timed(lambda: adapter.run([second]))
     with adapter.sharing_prefixes():
         adapter.run([first])
