@@ -75,5 +75,6 @@ def lifelong(run: Path, cfg: RunConfig, g, rows: dict, marks: dict) -> None:
         agg = aggregate_partial(mark_scope([rows[k] for k in keys], marks), seed=cfg.seed)
         print(line(f"after {n} edits", agg, agg["metrics"]))
 
+
 if __name__ == "__main__":
     main()
