@@ -7,8 +7,9 @@ A run writes each scored case as it is scored and its summary.json only at the e
 run this prints, for every checkpoint whose rows are all stored, what the summary's curve would
 hold there (the same aggregation: the mean of the five metrics with its interval, each metric,
 M-Locality out of scope). For a sequential or cross-task run it prints the same aggregation as the
-summary over the cases of the groups whose rows are all stored, and how far the next group got. It
-reads the run's own run.json and records; nothing is written and no model is loaded.
+summary over the cases of the groups whose rows are all stored, and how far the first unfinished
+group got. It reads the run's own run.json and records (with the shards of a torchrun run not merged
+yet), also while the run is writing them; nothing is written and no model is loaded.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
+from mmke.eval.distributed import stored_rows
 from mmke.eval.runner import RUN_FILE, Run, RunConfig
 from mmke.eval.settings import groups
-from mmke.eval.store import CaseStore
 from mmke.eval.summary import aggregate, aggregate_partial, mark_scope, scope_marks
 
 SHORT = {"reliability": "Rel", "t_generality": "T-Gen", "m_generality": "M-Gen", "t_locality": "T-Loc",
@@ -34,23 +35,22 @@ def main() -> None:
     cfg = RunConfig(**meta["config"])
     cases, _ = Run(cfg, args.run).stream()
     plan = groups(cfg.setting, cases, cfg.k, cfg.checkpoints, cfg.probes)
-    rows = CaseStore(args.run / "cases.jsonl").done
+    rows = stored_rows(args.run)  # cases.jsonl and, of a torchrun run not merged yet, every rank's shard
     marks = scope_marks(plan)
     if cfg.setting == "lifelong":
         lifelong(args.run, cfg, plan[0], rows, marks)
         return
-    done, partial = [], None
+    done, partial = [], []
     for g in plan:
         keys = [g.row_key(g.checkpoints[-1], s.case.key) for s in g.scored(g.checkpoints[-1])]
         have = [k for k in keys if k in rows]
         if len(have) == len(keys):
             done += [rows[k] for k in keys]
-        elif have and partial is None:
-            partial = (g.index + 1, len(have), len(keys))
+        elif have:  # one group per rank of a torchrun run may be under way
+            partial.append(f"group {g.index + 1}: {len(have)} of {len(keys)} cases scored")
     n_done = len({r["group"] for r in done})
     print(f"{args.run}: {cfg.method}, {cfg.setting}, K = {cfg.k}: {n_done} of {len(plan)} groups stored "
-          f"({len(done)} of {len(cases)} cases)" + (f"; group {partial[0]}: {partial[1]} of {partial[2]} cases "
-                                                    "scored (not counted)" if partial else ""))
+          f"({len(done)} of {len(cases)} cases)" + (f"; {', '.join(partial)} (not counted)" if partial else ""))
     if done:
         agg = aggregate(mark_scope(done, marks), seed=cfg.seed)
         print(line("finished groups", agg, agg["metrics"]))

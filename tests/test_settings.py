@@ -260,7 +260,8 @@ def test_sequential_run_killed_while_scoring_keeps_the_scored_cases_and_resumes_
 def test_partial_run_script_aggregates_the_finished_groups_of_a_stopped_run(toy, tmp_path, monkeypatch, capsys,
                                                                             one_thread):
     """``scripts/partial_run.py`` on a sequential run stopped in its second group: the summary's
-    aggregation over the first group's cases, and how far the second got."""
+    aggregation over the first group's cases, and how far the second got; then on a torchrun run's
+    shards, not merged yet, which it reads without changing a byte."""
     import runpy
 
     from mmke.eval.summary import aggregate
@@ -277,6 +278,16 @@ def test_partial_run_script_aggregates_the_finished_groups_of_a_stopped_run(toy,
     assert "1 of 3 groups stored (3 of 9 cases); group 2: 1 of 3 cases scored (not counted)" in text
     first = [json.loads(x) for x in lines[:3]]
     assert f"mean {100 * aggregate(first)['mean']:.1f} [" in text
+    # a torchrun run not merged yet: group 2 finished in one rank's shard, group 3 begun in another's
+    (out / "shards").mkdir()
+    (out / "shards" / "rank-00001.jsonl").write_text("".join(lines[3:6]))
+    (out / "shards" / "rank-00002.jsonl").write_text("".join(lines[6:8]) + lines[8][:20])  # a partial last line
+    before = {f.name: f.read_bytes() for f in [out / "cases.jsonl", *(out / "shards").iterdir()]}
+    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "partial_run.py"), run_name="__main__")
+    text = capsys.readouterr().out
+    assert "2 of 3 groups stored (6 of 9 cases); group 3: 2 of 3 cases scored (not counted)" in text
+    assert f"mean {100 * aggregate([json.loads(x) for x in lines[:6]])['mean']:.1f} [" in text
+    assert {f.name: f.read_bytes() for f in [out / "cases.jsonl", *(out / "shards").iterdir()]} == before  # read only
 
 
 def test_cross_task_groups_hold_both_tasks_and_report_per_task(toy, tmp_path, one_thread):

@@ -116,6 +116,18 @@ class ShardedStore:
         return sorted(self.done.values(), key=lambda r: r["index"])
 
 
+def stored_rows(out: str | Path) -> dict[str, dict[str, Any]]:
+    """Every complete row of ``out`` — ``cases.jsonl``, then each rank's shard — one per key (the
+    first written), in file order. Reads only: a run may be writing them meanwhile."""
+    out = Path(out)
+    rows: dict[str, dict[str, Any]] = {}
+    for f in [out / CASES, *shard_files(out)]:
+        if f.exists():
+            for row in read_rows(f)[0]:
+                rows.setdefault(row["key"], row)
+    return rows
+
+
 def merge_shards(out: str | Path, order: Sequence[str]) -> CaseStore:
     """Fold ``cases.jsonl`` and every shard of ``out`` into ``cases.jsonl`` — rows in ``order``
     (the keys of the run's plan: a one-process run's order, so that its summary is reproduced
@@ -124,12 +136,8 @@ def merge_shards(out: str | Path, order: Sequence[str]) -> CaseStore:
     same file. Returns the merged store."""
     out = Path(out)
     main = out / CASES
-    rows: dict[str, dict[str, Any]] = {}
     shards = shard_files(out)
-    for f in [main, *shards]:
-        if f.exists():
-            for row in read_rows(f)[0]:
-                rows.setdefault(row["key"], row)
+    rows = stored_rows(out)
     ordered = [rows.pop(k) for k in order if k in rows] + list(rows.values())
     atomic_write_bytes(main, b"".join((json.dumps(r, sort_keys=True) + "\n").encode() for r in ordered))
     for f in shards:
