@@ -4,6 +4,7 @@ changed inputs on resume, writes are atomic, and reports never merge what differ
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,7 +228,11 @@ def test_report_keeps_differing_runs_apart_and_compare_pairs_cases(toy, tmp_path
     assert (c["label_a"], c["label_b"]) == ("ft-lm (steps=2)", "ft-lm (steps=3)")
     assert "| A (ft-lm (steps=2)) | B (ft-lm (steps=3)) |" in render_compare(c)
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "runs" / "ft"), str(tmp_path / "nope")])
-    assert r.exit_code == 2 and "no summary.json" in r.output
+    assert r.exit_code == 2 and "no summary.json" in r.output and "partial_run" not in r.output
+    (tmp_path / "stopped").mkdir()  # a run stopped before its end: run.json and rows, no summary
+    shutil.copy(tmp_path / "runs" / "ft" / "run.json", tmp_path / "stopped" / "run.json")
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "stopped")])
+    assert r.exit_code == 2 and "a run not finished" in r.output and "scripts/partial_run.py" in r.output
 
 
 def test_pre_and_post_use_one_batching_path(toy, one_thread):

@@ -72,7 +72,10 @@ def collect(dirs: Iterable[Path]) -> list[dict[str, Any]]:
         files = [d] if d.is_file() else ([d / "summary.json"] if (d / "summary.json").exists()
                                          else sorted(d.glob("*/summary.json")))
         if not files:
-            raise FileNotFoundError(f"{d}: no summary.json here or in its subdirectories")
+            unfinished = (d / "run.json").exists()  # a run writes its summary at its end
+            raise FileNotFoundError(f"{d}: no summary.json here or in its subdirectories" + (
+                " (a run not finished: `mmke run` with its command resumes it, and "
+                "`python scripts/partial_run.py DIR` sums up the cases it has stored)" if unfinished else ""))
         for f in files:
             try:
                 s = json.loads(f.read_text())
