@@ -14,6 +14,7 @@ import torch
 from mmke.data.schema import load_records
 from mmke.editors.base import EditRequest, WeightLedger
 from mmke.editors.trained import TrainedEditor
+from mmke.eval.config import task_data
 from mmke.eval.report import collect, render
 from mmke.eval.runner import Run, RunConfig
 from mmke.eval.settings import groups, interleave, parse_checkpoints, Case
@@ -310,8 +311,17 @@ def test_cross_task_groups_hold_both_tasks_and_report_per_task(toy, tmp_path, on
     assert set(s["per_task"]) == {"vqa", "caption"} and s["per_task"]["caption"]["n_cases"] == 3
     text = render(collect([tmp_path / "ct"]))
     assert "E-IC (caption) — cross-task, K = 4" in text and "overall" in text
-    with pytest.raises(ValueError, match="lacks caption_eval.json \\["):
+    with pytest.raises(ValueError, match="no E-IC eval file for .*looked for .*caption_eval.json"):
         RunConfig(task="vqa+caption", setting="cross-task", data=str(data))
+    # MMEdit's layout: editing-data/vqa/vqa_eval.json, editing-data/caption/caption_eval_edit.json
+    mmedit = tmp_path / "editing-data"
+    (mmedit / "vqa").mkdir(parents=True)
+    (mmedit / "caption").mkdir()
+    shutil.copy(data, mmedit / "vqa" / "vqa_eval.json")
+    (mmedit / "caption" / "caption_eval_edit.json").write_text(json.dumps(recs))
+    cfg = RunConfig(task="vqa+caption", setting="cross-task", data=str(mmedit / "vqa" / "vqa_eval.json"))
+    assert task_data(cfg) == {"vqa": str(mmedit / "vqa" / "vqa_eval.json"),
+                              "caption": str(mmedit / "caption" / "caption_eval_edit.json")}
     with pytest.raises(ValueError, match="need --setting cross-task"):
         RunConfig(task="vqa+caption", setting="sequential")
 

@@ -71,12 +71,9 @@ class RunConfig(BaseModel):
         if self.setting == "cross-task":
             if len(tasks) < 2:
                 raise ValueError("--setting cross-task needs two tasks: --task vqa+caption")
-            if self.data is not None:  # the first task's file; the others beside it
-                folder = Path(self.data).parent
-                missing = [TASKS[t].files()[0] for t in tasks[1:] if not (folder / TASKS[t].files()[0]).exists()]
-                if missing:
-                    raise ValueError(f"--setting cross-task reads each task's eval file from one folder "
-                                     f"(<task>_eval.json, MMEdit layout); {folder} lacks {', '.join(missing)}")
+            if self.data is not None:  # the first task's file; the others found beside it
+                for t in tasks[1:]:
+                    other_task_file(Path(self.data), t)
         elif len(tasks) > 1:
             raise ValueError(f"--task {self.task}: several tasks in one stream need --setting cross-task")
         if self.setting == "one-step" and self.targets != "as-drawn":
@@ -132,8 +129,21 @@ def task_data(cfg: RunConfig) -> dict[str, str]:
         return {cfg.task: cfg.data}
     if cfg.data is None:
         raise ValueError("task_data needs a resolved configuration (resolve_data)")
-    folder = Path(cfg.data).parent
-    return {t: cfg.data if i == 0 else str(folder / TASKS[t].files()[0]) for i, t in enumerate(cfg.tasks)}
+    return {t: cfg.data if i == 0 else str(other_task_file(Path(cfg.data), t)) for i, t in enumerate(cfg.tasks)}
 
 
-__all__ = ["RunConfig", "resolve_data", "task_data"]
+def other_task_file(first: Path, task: str) -> Path:
+    """A cross-task run's eval file of ``task``, found from the first task's: in the same folder
+    (mmke's layout, the bundled benchmark's: ``<task>_eval.json``), or in the folder ``<task>``
+    beside it (MMEdit's ``editing-data/vqa/vqa_eval.json`` and
+    ``editing-data/caption/caption_eval_edit.json``). Only reads: nothing is written there."""
+    names = (TASKS[task].files()[0], f"{task}_eval_edit.json")
+    places = [folder / n for folder in (first.parent, first.parent.parent / task) for n in names]
+    for f in places:
+        if f.is_file():
+            return f
+    raise ValueError(f"--setting cross-task: no {TASKS[task].title} eval file for {first}; looked for "
+                     + ", ".join(str(f) for f in places) + " (put it in one of those places, or a link to it)")
+
+
+__all__ = ["RunConfig", "other_task_file", "resolve_data", "task_data"]
