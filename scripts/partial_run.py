@@ -7,8 +7,8 @@ A run writes each scored case as it is scored and its summary.json only at the e
 run this prints, for every checkpoint whose rows are all stored, what the summary's curve would
 hold there (the same aggregation: the mean of the five metrics with its interval, each metric,
 M-Locality out of scope). For a sequential or cross-task run it prints the same aggregation as the
-summary over the cases of the groups whose rows are all stored, and how far the first unfinished
-group got. It reads the run's own run.json and records (with the shards of a torchrun run not merged
+summary over the cases of the groups whose rows are all stored, and how far each unfinished group
+got. It reads the run's own run.json and records (with the shards of a torchrun run not merged
 yet), also while the run is writing them; nothing is written and no model is loaded.
 """
 
